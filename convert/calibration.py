@@ -129,6 +129,53 @@ def refit_output_projection(
     return solution.T, None
 
 
+def refine_attention(
+    attention: torch.nn.Module, inputs: torch.Tensor, call_kwargs: dict, target: torch.Tensor, steps: int, lr: float,
+    batch: int = 4,
+) -> tuple[float, float]:
+    """Adam on the merged attention's own weights, minimising its output's squared error against the
+    source attention's output `target` (computed on the source stream) for the converted stream's
+    `inputs`: the one objective that sees the keys through the softmax, which the closed-form merge
+    cannot. Returns the relative error on all calibration tokens before and after; weights that end
+    no better than they started are put back, so refinement never undoes an exact merge."""
+    sequences = len(inputs)
+    scale = target.pow(2).mean()
+
+    def sliced(value, rows):
+        return value[rows] if isinstance(value, torch.Tensor) and value.dim() > 0 and len(value) == sequences else value
+
+    def error(rows) -> torch.Tensor:
+        kwargs = {k: sliced(v, rows) for k, v in call_kwargs.items()}
+        return (_output(attention(hidden_states=inputs[rows], **kwargs)) - target[rows]).pow(2).mean() / scale
+
+    with torch.no_grad():
+        before = float(error(slice(None)))
+    if before < 1e-10:  # already exact: Adam's normalised steps would turn rounding noise into drift
+        return before, before
+    start = {k: v.clone() for k, v in attention.state_dict().items()}
+    params = list(attention.parameters())
+    optimizer = torch.optim.Adam(params, lr=lr)
+    # Decaying to zero lets the last steps settle instead of hopping around the minimum.
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    generator = torch.Generator().manual_seed(0)
+    with torch.enable_grad():
+        for p in params:
+            p.requires_grad_(True)
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            error(torch.randperm(sequences, generator=generator)[:batch]).backward()
+            optimizer.step()
+            schedule.step()
+        for p in params:
+            p.requires_grad_(False)
+    with torch.no_grad():
+        after = float(error(slice(None)))
+        if after >= before:
+            attention.load_state_dict(start)
+            after = before
+    return before, after
+
+
 def layerwise_aligned_merge(
     index: CheckpointIndex,
     config,
@@ -139,6 +186,8 @@ def layerwise_aligned_merge(
     merge: Callable[..., tuple[dict[str, torch.Tensor], list[list[int]]]],
     out_dir: Path,
     refit_output: bool = True,
+    refine_steps: int = 0,
+    refine_lr: float = 1e-4,
 ) -> tuple[list[Path], list[list[list[int]]]]:
     """Run the pass described above. `merge(layer, attention_tensors, moment)` returns the merged
     attention tensors (relative names) and the groups used. Returns per-layer files and groups."""
@@ -180,7 +229,9 @@ def layerwise_aligned_merge(
         _materialise(source, src_layer, read_source, f"{prefix}layers.{i}.")
         attn_inputs: list[torch.Tensor] = []
         head_outputs: list[torch.Tensor] = []
+        attn_calls: list[dict] = []
         hooks = [
+            src_layer.self_attn.register_forward_pre_hook(lambda m, a, kw: attn_calls.append(kw), with_kwargs=True),
             _capture(src_layer.self_attn, attn_inputs, kwargs=True),
             _capture(src_layer.self_attn.get_submodule(o_module), head_outputs),
         ]
@@ -224,6 +275,17 @@ def layerwise_aligned_merge(
             merged[family.o_proj] = weight.to(dtype)
             if bias is not None:
                 merged[family.o_proj.replace(".weight", ".bias")] = bias.to(dtype)
+        if refine_steps:
+            source_output = source_heads @ src_o_weight.T + (0 if src_o_bias is None else src_o_bias)
+            call_kwargs = {k: v for k, v in attn_calls[1].items() if k != "hidden_states"}
+            before, after = refine_attention(
+                conv_layer.self_attn, attn_inputs[1], call_kwargs, source_output, refine_steps, refine_lr
+            )
+            log.info("layer %d: attention output error %.4f -> %.4f", i, before, after)
+            attention = conv_layer.self_attn
+            dtype = tensors[family.o_proj].dtype
+            for name in merged:
+                merged[name] = attention.get_parameter(name).detach().to(dtype)
         with torch.no_grad():
             converted_stream = _output(conv_layer(converted_stream, **layer_kwargs))
         conv_layer.to_empty(device="meta")

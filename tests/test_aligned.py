@@ -158,3 +158,47 @@ def test_each_fold_alone_preserves_logits(model_type):
     expected = logits_of(model)
     folded = fold_random_transforms(model)
     torch.testing.assert_close(logits_of(folded), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "phi3", "qwen3"])  # plain, fused qkv, per-head q/k norms
+def test_refinement_keeps_exact_merges_exact(model_type, tmp_path, calibration_file):
+    gqa_model = build_family_model(model_type, kv=2, seed=12)
+    config, state = expand_kv_heads(gqa_model, family_for(model_type), factor=4)
+    src = save_model(config, state, tmp_path / "mha")
+    save_char_tokenizer(src)
+    out = convert(str(src), tmp_path / "out", aligned_options(2, calibration_file, refine_steps=20)).out_dir
+    torch.testing.assert_close(logits_of(out), logits_of(gqa_model), atol=1e-5, rtol=0)
+
+
+def test_refinement_brings_a_lossy_merge_closer_to_the_source(tmp_path, calibration_file):
+    model = build_family_model("llama", kv=4, seed=15)
+    src = write_source(model, tmp_path / "src", calibration_file)
+    text = torch.tensor([[ord(c) - 28 for c in ENGLISH[100:164]]])  # ids of save_char_tokenizer
+    expected = logits_of(model, text)
+
+    def error(out):
+        return float((logits_of(out, text) - expected).pow(2).mean())
+
+    plain = convert(str(src), tmp_path / "plain", aligned_options(1, calibration_file)).out_dir
+    refined = convert(str(src), tmp_path / "refined", aligned_options(1, calibration_file, refine_steps=40)).out_dir
+    assert error(refined) < 0.9 * error(plain)
+    assert read_provenance(refined)["conversion"]["refine"] == {"steps": 40, "lr": 3e-4}
+    assert read_provenance(plain)["conversion"]["refine"] is None
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--refine-steps", "5"], "add --method aligned"), (["--method", "aligned", "--refine-steps", "-1"], "at least 0")],
+)
+def test_refinement_flags_are_checked(flags, message, tmp_path, capsys):
+    from gqa.convert.cli import main
+
+    src = save_model(*_llama_state(), tmp_path / "src")
+    assert main(["convert", str(src), str(tmp_path / "out"), "--kv-heads", "1", *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def _llama_state():
+    model = build_family_model("llama", kv=4, seed=16)
+    return model.config, model.state_dict()

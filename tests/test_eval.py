@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from gqa.convert.card import read_provenance, write_model_card, write_provenance
 from gqa.convert.cli import main
 from gqa.convert.errors import GQAError
-from gqa.train.evaluate import chunk_tokens, evaluate
+from gqa.train.evaluate import _PeakMemory, chunk_tokens, evaluate, peak_of_running_sum
 from tiny import save_tiny_llama
 
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
@@ -177,7 +177,23 @@ def test_kv_cache_bytes_match_hand_computation(full):
             assert d["cached_tokens"] == d["context"] + 3
             assert d["kv_cache_bytes"] == kv["bytes_per_token"] * d["cached_tokens"]
             assert d["decode_tokens_per_s"] > 0 and d["prefill_s"] > 0
+            # The returned cache is allocated inside the measured run and still alive at its end.
+            assert d["peak_memory_bytes"] >= d["kv_cache_bytes"]
     assert 0 <= model["decode"][0]["same_greedy_prefix_as_baseline"] <= 4
+    # Four times the KV heads: the baseline's cache outweighs the rest of a tiny model's decode.
+    assert base["decode"][-1]["peak_memory_bytes"] > model["decode"][-1]["peak_memory_bytes"]
+
+
+def test_cpu_peak_memory_counts_tensors_exactly():
+    assert peak_of_running_sum([4, 4, -4, 12, -12, 3]) == 16
+    mib = 1 << 20
+    with _PeakMemory(torch.device("cpu")) as memory:
+        first = torch.empty(4 * mib, dtype=torch.uint8)
+        second = torch.empty(4 * mib, dtype=torch.uint8)
+        del first
+        third = torch.empty(12 * mib, dtype=torch.uint8)
+        del second, third
+    assert memory.peak == 16 * mib
 
 
 def test_report_files_exist_and_parse(full, setup):

@@ -29,9 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--model", help="model directory or hub id to use instead of SmolLM2-135M-Instruct")
     parser.add_argument("--kv-heads", type=int, default=1, help="KV heads after conversion (default 1: MQA)")
     parser.add_argument("--method", default="aligned", help="merge method for the conversion (default aligned)")
-    # 6 steps x 16 x 256 tokens keeps the whole demo near 20 minutes on 2 CPU cores; the recipe's
-    # own budget (30 steps, about 120K tokens) is what bench/bench_merge_quality.py measures.
-    parser.add_argument("--steps", type=int, default=6, help="uptraining steps (default 6; the recipe has 30)")
+    # 24 steps x 4 x 256 tokens keeps the whole demo near 10 minutes on 2 CPU cores; the recipe's
+    # own budget (120 steps, about 120K tokens) is what bench/bench_merge_quality.py measures.
+    parser.add_argument("--steps", type=int, default=24, help="uptraining steps (default 24; the recipe has 120)")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens to evaluate (default 8192)")
     parser.add_argument("--out", default="runs/demo", help="where the demo writes its models (default runs/demo)")
     parser.add_argument("--prompt", default="The capital of France is", help="prompt for the generation sample")
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
     print("[2/4] uptraining with recipes/smollm2-135m-mqa.yaml (real text: Python's own docstrings)", flush=True)
     overrides = [f"model.path={result.out_dir}", f"output.dir={out / 'uptrained'}", "resume=never"]
-    overrides += [f"budget.steps={args.steps}", "schedule.warmup_steps=1", f"eval.every={args.steps}"]
+    overrides += [f"budget.steps={args.steps}", "schedule.warmup_steps=2", f"eval.every={args.steps}"]
     trained = run_recipe(recipes_dir() / "smollm2-135m-mqa.yaml", overrides)
     print(f"      {trained.steps} steps, {trained.tokens_seen:,} tokens -> {trained.output_dir}", flush=True)
 
