@@ -10,7 +10,8 @@ gqa.train.corpus.HELDOUT_PACKAGES (calibration uses a few other modules, trainin
 
 `--train original` trains the unconverted model the same way: the control that shows how much of
 the gain is the training text's domain rather than recovery.
-`refined` is `--method aligned --refine-steps N` (--refine-steps, default 30). A `+distill` run
+`refined` is `--method aligned --refine-steps N --refine-lr LR` (--refine-steps, default 400;
+--refine-lr, the converter's default). A `+distill` run
 trains with loss.kind=distill (loss.distill_weight=1, temperature 1) from the original.
 
 Prints a table and writes it as JSON (--json). Everything runs on the CPU in a few minutes per
@@ -46,7 +47,8 @@ def main() -> None:
     parser.add_argument("--train", nargs="*", default=[], help="METHOD or METHOD+distill runs to uptrain")
     parser.add_argument("--windows", type=int, default=32, help="held-out windows of --seq-len tokens")
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--refine-steps", type=int, default=30, help="--refine-steps of the 'refined' method")
+    parser.add_argument("--refine-steps", type=int, default=400, help="--refine-steps of the 'refined' method")
+    parser.add_argument("--refine-lr", type=float, default=ConvertOptions.refine_lr, help="--refine-lr of 'refined'")
     parser.add_argument("--work", default="runs/bench-quality")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -70,7 +72,8 @@ def main() -> None:
     for method in methods:
         started = time.perf_counter()
         if method == "refined":
-            options = ConvertOptions(kv_heads=1, method="aligned", refine_steps=args.refine_steps, force=True)
+            options = ConvertOptions(kv_heads=1, method="aligned", refine_steps=args.refine_steps,
+                                     refine_lr=args.refine_lr, force=True)
         else:
             options = ConvertOptions(kv_heads=1, method=method, force=True)
         out = convert(str(source), work / method, options)

@@ -187,7 +187,7 @@ def layerwise_aligned_merge(
     out_dir: Path,
     refit_output: bool = True,
     refine_steps: int = 0,
-    refine_lr: float = 1e-4,
+    refine_lr: float = 1e-3,
 ) -> tuple[list[Path], list[list[list[int]]]]:
     """Run the pass described above. `merge(layer, attention_tensors, moment)` returns the merged
     attention tensors (relative names) and the groups used. Returns per-layer files and groups."""

@@ -50,9 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument(
         "--refine-steps", type=int, default=0,
         help="aligned: after each layer's merge, Adam steps on its attention weights to match the source "
-        "attention's output on the calibration tokens (default 0: none; 30 measured well on SmolLM2)",
+        "attention's output on the calibration tokens (default 0: none; 400 took SmolLM2-135M 3->1 from 4.4x to 2.7x the original perplexity)",
     )
-    parser.add_argument("--refine-lr", type=float, default=3e-4, help="learning rate of --refine-steps (default 3e-4)")
+    parser.add_argument("--refine-lr", type=float, default=1e-3, help="learning rate of --refine-steps (default 1e-3)")
 
 
 def run(args: argparse.Namespace) -> int:

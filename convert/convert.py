@@ -74,7 +74,7 @@ class ConvertOptions:
     calibration_sequences: int = 32
     calibration_length: int = 256
     refine_steps: int = 0  # aligned: Adam steps per layer on the attention-output error (0: none)
-    refine_lr: float = 3e-4
+    refine_lr: float = 1e-3
     allow_same: bool = False  # G equal to the source's KV heads: an identity conversion
 
 
@@ -340,30 +340,33 @@ def _convert_into(src: Source, staged: Path, options: ConvertOptions) -> Convers
     generator = torch.Generator().manual_seed(options.seed)
 
     writer = ShardedSafetensorsWriter(staged, specs, options.shard_size)
-    total = sum(s.nbytes for s in specs)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=None) as bar:
-        for item in plan:
-            if isinstance(item, TensorSpec):
-                tensor = index.read(item.name)
-                _check_finite(item.name, tensor)
-                writer.write(item.name, tensor.to(item.dtype))
-                bar.update(item.nbytes)
-                continue
-            prefix = ATTENTION_PREFIX.format(i=item.layer)
-            if aligned_files:  # merged (and its inputs checked) by the calibration pass
-                merged = load_file(aligned_files[item.layer])
-            else:
-                inputs = {}
-                for name in item.inputs:
-                    inputs[name[len(prefix) :]] = tensor = index.read(name)
-                    _check_finite(name, tensor)
-                groups = _groups_for(inputs, family, geometry, options, None)
-                groups_per_layer[item.layer] = groups
-                merged = merge_attention_unit(inputs, family, geometry, groups, options.method, generator)
-            for spec in item.outputs:
-                writer.write(spec.name, merged[spec.name[len(prefix) :]].to(spec.dtype))
-                bar.update(spec.nbytes)
-    writer.finish()
+    try:
+        total = sum(s.nbytes for s in specs)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=None) as bar:
+            for item in plan:
+                if isinstance(item, TensorSpec):
+                    tensor = index.read(item.name)
+                    _check_finite(item.name, tensor)
+                    writer.write(item.name, tensor.to(item.dtype))
+                    bar.update(item.nbytes)
+                    continue
+                prefix = ATTENTION_PREFIX.format(i=item.layer)
+                if aligned_files:  # merged (and its inputs checked) by the calibration pass
+                    merged = load_file(aligned_files[item.layer])
+                else:
+                    inputs = {}
+                    for name in item.inputs:
+                        inputs[name[len(prefix) :]] = tensor = index.read(name)
+                        _check_finite(name, tensor)
+                    groups = _groups_for(inputs, family, geometry, options, None)
+                    groups_per_layer[item.layer] = groups
+                    merged = merge_attention_unit(inputs, family, geometry, groups, options.method, generator)
+                for spec in item.outputs:
+                    writer.write(spec.name, merged[spec.name[len(prefix) :]].to(spec.dtype))
+                    bar.update(spec.nbytes)
+        writer.finish()
+    finally:
+        writer.close()  # after a failure: no background write into the staging directory being removed
 
     _write_config(raw_config, staged, options.kv_heads, cast)
     _copy_side_files(src.path, staged, options.copy_tokenizer)

@@ -6,12 +6,17 @@ known before conversion starts (the plan), so each shard's header is written fir
 are appended one at a time as they are computed: memory stays at one tensor. The files are
 plain safetensors (read back by the safetensors library in the tests), with `{"format": "pt"}`
 metadata and a `model.safetensors.index.json` weight map, as transformers writes them.
+
+The file writes run on one background thread, one tensor behind the caller, so the disk write of
+a tensor overlaps the reading and merging of the next (file writes release the GIL); at most two
+tensors are held at once.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -64,6 +69,8 @@ class ShardedSafetensorsWriter:
         self._shard = -1
         self._file: BinaryIO | None = None
         self._left_in_shard = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gqa-writer")
+        self._in_flight: Future | None = None
 
     def _open_next_shard(self) -> None:
         self._close_shard()
@@ -99,21 +106,41 @@ class ShardedSafetensorsWriter:
                 f"writer expected {spec.name} {spec.dtype} {spec.shape}, got {name} {tensor.dtype} "
                 f"{tuple(tensor.shape)}: the conversion plan and its execution disagree"
             )
+        # Raw little-endian bytes, no copy for a contiguous tensor; the array keeps the tensor alive.
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._wait()
+        self._in_flight = self._pool.submit(self._append, data)
+        self.bytes_written += spec.nbytes
+        self._next += 1
+
+    def _append(self, data) -> None:
         if self._left_in_shard == 0:
             self._open_next_shard()
-        # Raw little-endian bytes, no copy for a contiguous tensor.
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         self._file.write(memoryview(data))
-        self.bytes_written += spec.nbytes
         self._left_in_shard -= 1
-        self._next += 1
+
+    def _wait(self) -> None:
+        """Wait for the write in flight; an error it raised is raised here."""
+        future, self._in_flight = self._in_flight, None
+        if future is not None:
+            future.result()
 
     def finish(self) -> None:
         """Close the last shard and write the index; refuses if any planned tensor is missing."""
         if self._next != len(self.pending):
             missing = [s.name for s in self.pending[self._next :]]
             raise RuntimeError(f"conversion ended before writing {len(missing)} planned tensors: {missing[:5]}")
-        self._close_shard()
+        self._wait()
+        self.close()
         total = sum(s.nbytes for s in self.pending)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+    def close(self) -> None:
+        """Stop writing: wait for the write in flight (its error, if any, is left to whoever failed
+        first) and close the open shard, so the caller can remove a failed run's files. Idempotent."""
+        future, self._in_flight = self._in_flight, None
+        if future is not None:
+            future.exception()
+        self._close_shard()
+        self._pool.shutdown(wait=True)

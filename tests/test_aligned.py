@@ -182,7 +182,7 @@ def test_refinement_brings_a_lossy_merge_closer_to_the_source(tmp_path, calibrat
     plain = convert(str(src), tmp_path / "plain", aligned_options(1, calibration_file)).out_dir
     refined = convert(str(src), tmp_path / "refined", aligned_options(1, calibration_file, refine_steps=40)).out_dir
     assert error(refined) < 0.9 * error(plain)
-    assert read_provenance(refined)["conversion"]["refine"] == {"steps": 40, "lr": 3e-4}
+    assert read_provenance(refined)["conversion"]["refine"] == {"steps": 40, "lr": 1e-3}
     assert read_provenance(plain)["conversion"]["refine"] is None
 
 

@@ -84,6 +84,26 @@ def test_non_finite_tensor_is_named(source, tmp_path, capsys, name, value):
     assert_nothing_written(tmp_path, tmp_path / "out")
 
 
+def test_failing_disk_write_is_an_error_and_leaves_nothing(source, tmp_path, capsys, monkeypatch):
+    """A write that fails on the background writer thread (here: the 3rd, as a full disk would)
+    stops the run with the system's message, and the staging directory is removed."""
+    from gqa.convert.writer import ShardedSafetensorsWriter
+
+    real_append, calls = ShardedSafetensorsWriter._append, []
+
+    def failing_append(self, data):
+        calls.append(len(data))
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real_append(self, data)
+
+    monkeypatch.setattr(ShardedSafetensorsWriter, "_append", failing_append)
+    code, err = run_cli(["convert", source, tmp_path / "out", "--kv-heads", 2], capsys)
+    assert code != 0 and "No space left on device" in err and "Traceback" not in err
+    assert len(calls) >= 3
+    assert_nothing_written(tmp_path, tmp_path / "out")
+
+
 def test_existing_out_is_kept_without_force_and_replaced_with_it(source, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
