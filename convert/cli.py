@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # a full disk, a read-only or vanished directory: the system's own words
         if args.debug:
             raise
-        print(f"gqa {args.command}: error: {err}. Nothing was left half-written; --debug shows where.", file=sys.stderr)
+        print(f"gqa {args.command}: error: {err} (--debug shows where)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"gqa {args.command}: interrupted", file=sys.stderr)
