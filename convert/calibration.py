@@ -85,11 +85,14 @@ class _Stop(Exception):
     pass
 
 
-def _capture(module: torch.nn.Module, store: list, kwargs: bool = False):
-    """Record a module's first input on every call (or its kwargs 'hidden_states')."""
+def _capture(module: torch.nn.Module, store: list, calls: list | None = None):
+    """Record a module's input on every call (its first argument or its kwarg 'hidden_states'), and
+    into `calls`, when given, the call's other keyword arguments (masks, rotary embeddings)."""
 
     def hook(mod, args, kw):
-        store.append(kw.get("hidden_states", args[0] if args else None) if kwargs else args[0])
+        store.append(kw["hidden_states"] if "hidden_states" in kw else args[0])
+        if calls is not None:
+            calls.append({k: v for k, v in kw.items() if k != "hidden_states"})
 
     return module.register_forward_pre_hook(hook, with_kwargs=True)
 
@@ -231,8 +234,7 @@ def layerwise_aligned_merge(
         head_outputs: list[torch.Tensor] = []
         attn_calls: list[dict] = []
         hooks = [
-            src_layer.self_attn.register_forward_pre_hook(lambda m, a, kw: attn_calls.append(kw), with_kwargs=True),
-            _capture(src_layer.self_attn, attn_inputs, kwargs=True),
+            _capture(src_layer.self_attn, attn_inputs, attn_calls),
             _capture(src_layer.self_attn.get_submodule(o_module), head_outputs),
         ]
         with torch.no_grad():
@@ -277,9 +279,8 @@ def layerwise_aligned_merge(
                 merged[family.o_proj.replace(".weight", ".bias")] = bias.to(dtype)
         if refine_steps:
             source_output = source_heads @ src_o_weight.T + (0 if src_o_bias is None else src_o_bias)
-            call_kwargs = {k: v for k, v in attn_calls[1].items() if k != "hidden_states"}
             before, after = refine_attention(
-                conv_layer.self_attn, attn_inputs[1], call_kwargs, source_output, refine_steps, refine_lr
+                conv_layer.self_attn, attn_inputs[1], attn_calls[1], source_output, refine_steps, refine_lr
             )
             log.info("layer %d: attention output error %.4f -> %.4f", i, before, after)
             attention = conv_layer.self_attn
