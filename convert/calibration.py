@@ -37,7 +37,11 @@ log = logging.getLogger(__name__)
 
 # Standard-library modules whose docstrings make the default calibration text: real English
 # technical prose that ships with Python, disjoint from the held-out split used for evaluation.
-DEFAULT_CALIBRATION_MODULES = ("argparse", "collections", "functools", "itertools", "pathlib", "subprocess")
+DEFAULT_CALIBRATION_MODULES = (
+    "argparse", "collections", "functools", "itertools", "pathlib", "subprocess",
+    "os", "typing", "threading", "re", "shutil", "inspect", "io",
+    "asyncio", "socket", "unittest", "decimal", "random", "configparser", "xml.etree.ElementTree", "pickle", "urllib.parse",
+)
 RIDGE = 1e-4  # relative ridge for the o_proj refit: keeps it stable when heads are nearly collinear
 
 

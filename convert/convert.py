@@ -71,7 +71,7 @@ class ConvertOptions:
     seed: int = 0
     grouping: str = "contiguous"  # or "similarity"
     calibration: str | None = None  # text file for activation-aware methods; None: the shipped default
-    calibration_sequences: int = 32
+    calibration_sequences: int = 256
     calibration_length: int = 256
     refine_steps: int = 0  # aligned: Adam steps per layer on the attention-output error (0: none)
     refine_lr: float = 1e-3

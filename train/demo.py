@@ -31,11 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--method", default="aligned", help="merge method for the conversion (default aligned)")
     parser.add_argument(
         "--refine-steps", type=int, default=None,
-        help="convert's --refine-steps (default 400 with --method aligned, about 7 minutes on 2 CPU cores; 0: none)",
+        help="convert's --refine-steps (default 400 with --method aligned: the conversion then takes about 10 minutes on 2 CPU cores; 0: none)",
     )
-    # 24 steps x 4 x 256 tokens keeps the whole demo near 12 minutes on 2 CPU cores (measured 11:21,
-    # refinement included); the recipe's own budget (120 steps, about 120K tokens) is what
-    # bench/bench_merge_quality.py measures.
+    # 24 steps x 4 x 256 tokens kept the whole demo near 12 minutes on 2 CPU cores (measured 11:21
+    # with 32 calibration sequences; the 128 used now made that conversion 601 s instead of 466 s);
+    # the recipe's own budget (120 steps, about 120K tokens) is what bench/bench_merge_quality.py measures.
     parser.add_argument("--steps", type=int, default=24, help="uptraining steps (default 24; the recipe has 120)")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens to evaluate (default 8192)")
     parser.add_argument("--out", default="runs/demo", help="where the demo writes its models (default runs/demo)")
@@ -88,7 +88,10 @@ def run(args: argparse.Namespace) -> int:
     refine_steps = args.refine_steps if args.refine_steps is not None else (400 if args.method == "aligned" else 0)
     refining = f" --refine-steps {refine_steps}" if refine_steps else ""
     print(f"[1/4] converting {source} to {args.kv_heads} KV head(s) with --method {args.method}{refining}", flush=True)
-    options = ConvertOptions(kv_heads=args.kv_heads, method=args.method, refine_steps=refine_steps, force=True)
+    # Half of convert's default calibration: 5 minutes less on 2 CPU cores, 2.1x instead of 2.0x the
+    # original's perplexity at 0 steps (bench/README.md).
+    options = ConvertOptions(kv_heads=args.kv_heads, method=args.method, refine_steps=refine_steps,
+                             calibration_sequences=128, force=True)
     result = convert(source, out / "converted", options)
     before, after = result.kv_bytes_per_token_before, result.kv_bytes_per_token_after
     print(f"      {result.geometry.kv_heads} -> {result.kv_heads} KV heads, KV cache per token "
