@@ -33,9 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         "--refine-steps", type=int, default=None,
         help="convert's --refine-steps (default 400 with --method aligned: the conversion then takes about 10 minutes on 2 CPU cores; 0: none)",
     )
-    # 24 steps x 4 x 256 tokens kept the whole demo near 12 minutes on 2 CPU cores (measured 11:21
-    # with 32 calibration sequences; the 128 used now made that conversion 601 s instead of 466 s);
-    # the recipe's own budget (120 steps, about 120K tokens) is what bench/bench_merge_quality.py measures.
+    # 24 steps x 4 x 256 tokens keep the whole demo near 12 minutes on 2 CPU cores (measured 12:14,
+    # conversion with 128 calibration sequences and refinement included); the recipe's own budget
+    # (120 steps, about 120K tokens) is what bench/bench_merge_quality.py measures.
     parser.add_argument("--steps", type=int, default=24, help="uptraining steps (default 24; the recipe has 120)")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens to evaluate (default 8192)")
     parser.add_argument("--out", default="runs/demo", help="where the demo writes its models (default runs/demo)")
