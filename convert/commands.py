@@ -46,8 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         help="text file for --method aligned (default: docstrings of 22 Python standard-library modules)",
     )
     parser.add_argument(
-        "--calibration-sequences", type=int, default=256,
-        help="calibration sequences (default 256; fewer are faster and lighter, and merge less well)",
+        "--calibration-sequences", type=int, default=ConvertOptions.calibration_sequences,
+        help=f"calibration sequences (default {ConvertOptions.calibration_sequences}; fewer are faster and "
+        "lighter, and merge less well)",
     )
     parser.add_argument("--calibration-length", type=int, default=256, help="tokens per sequence (default 256)")
     parser.add_argument(
