@@ -50,13 +50,19 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         help=f"calibration sequences (default {ConvertOptions.calibration_sequences}; fewer are faster and "
         "lighter, and merge less well)",
     )
-    parser.add_argument("--calibration-length", type=int, default=256, help="tokens per sequence (default 256)")
+    parser.add_argument(
+        "--calibration-length", type=int, default=ConvertOptions.calibration_length,
+        help=f"tokens per sequence (default {ConvertOptions.calibration_length})",
+    )
     parser.add_argument(
         "--refine-steps", type=int, default=0,
         help="aligned: after each layer's merge, Adam steps on its attention weights to match the source "
         "attention's output on the calibration tokens (default 0: none; 400 took SmolLM2-135M 3->1 from 3.5x to 2.0x the original perplexity)",
     )
-    parser.add_argument("--refine-lr", type=float, default=1e-3, help="learning rate of --refine-steps (default 1e-3)")
+    parser.add_argument(
+        "--refine-lr", type=float, default=ConvertOptions.refine_lr,
+        help=f"learning rate of --refine-steps (default {ConvertOptions.refine_lr:g})",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
