@@ -12,12 +12,12 @@ gqa.train.corpus.HELDOUT_PACKAGES (calibration uses a few other modules, trainin
 the gain is the training text's domain rather than recovery.
 `refined` is `--method aligned --refine-steps N --refine-lr LR` (--refine-steps, default 400;
 --refine-lr, the converter's default); both aligned methods calibrate on --calibration-sequences
-of 256 tokens (default: the converter's, 256). A `+distill` run
+sequences of the converter's --calibration-length (defaults: the converter's, 128 x 512). A `+distill` run
 trains with loss.kind=distill (loss.distill_weight=1, temperature 1) from the original.
 
 Prints a table and writes it as JSON (--json). Everything runs on the CPU: on 2 cores, mean takes
-seconds, aligned about 8 minutes and refined about 15 at the default 256 calibration sequences; each
-uptraining run is the shipped CPU recipe (about 120K tokens, 8 minutes).
+seconds and refined about 22 minutes at the default calibration; each uptraining run is the shipped
+CPU recipe (about 120K tokens, 7 minutes).
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ def main() -> None:
     parser.add_argument("--refine-lr", type=float, default=ConvertOptions.refine_lr, help="--refine-lr of 'refined'")
     parser.add_argument("--calibration-sequences", type=int, default=ConvertOptions.calibration_sequences,
                         help="--calibration-sequences of 'aligned' and 'refined' (default: the converter's)")
+    parser.add_argument("--calibration-length", type=int, default=ConvertOptions.calibration_length,
+                        help="--calibration-length of 'aligned' and 'refined' (default: the converter's)")
+    parser.add_argument("--refine-batch", type=int, default=ConvertOptions.refine_batch, help="--refine-batch of 'refined'")
     parser.add_argument("--work", default="runs/bench-quality")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -75,11 +78,12 @@ def main() -> None:
     methods = [m for m in args.methods if m != "original"] + sorted(trained - set(args.methods))
     for method in methods:
         started = time.perf_counter()
+        calibration = {"calibration_sequences": args.calibration_sequences, "calibration_length": args.calibration_length}
         if method == "refined":
-            options = ConvertOptions(kv_heads=1, method="aligned", refine_steps=args.refine_steps,
-                                     refine_lr=args.refine_lr, calibration_sequences=args.calibration_sequences, force=True)
+            options = ConvertOptions(kv_heads=1, method="aligned", refine_steps=args.refine_steps, refine_lr=args.refine_lr,
+                                     refine_batch=args.refine_batch, force=True, **calibration)
         else:
-            options = ConvertOptions(kv_heads=1, method=method, calibration_sequences=args.calibration_sequences, force=True)
+            options = ConvertOptions(kv_heads=1, method=method, force=True, **calibration)
         out = convert(str(source), work / method, options)
         record(f"{method} (1 KV head)", out.out_dir, time.perf_counter() - started)
     for run in args.train:

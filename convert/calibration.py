@@ -195,6 +195,7 @@ def layerwise_aligned_merge(
     refit_output: bool = True,
     refine_steps: int = 0,
     refine_lr: float = 1e-3,
+    refine_batch: int = 4,
 ) -> tuple[list[Path], list[list[list[int]]]]:
     """Run the pass described above. `merge(layer, attention_tensors, moment)` returns the merged
     attention tensors (relative names) and the groups used. Returns per-layer files and groups."""
@@ -284,7 +285,7 @@ def layerwise_aligned_merge(
         if refine_steps:
             source_output = source_heads @ src_o_weight.T + (0 if src_o_bias is None else src_o_bias)
             before, after = refine_attention(
-                conv_layer.self_attn, attn_inputs[1], attn_calls[1], source_output, refine_steps, refine_lr
+                conv_layer.self_attn, attn_inputs[1], attn_calls[1], source_output, refine_steps, refine_lr, refine_batch
             )
             log.info("layer %d: attention output error %.4f -> %.4f", i, before, after)
             attention = conv_layer.self_attn

@@ -71,10 +71,11 @@ class ConvertOptions:
     seed: int = 0
     grouping: str = "contiguous"  # or "similarity"
     calibration: str | None = None  # text file for activation-aware methods; None: the shipped default
-    calibration_sequences: int = 256
-    calibration_length: int = 256
+    calibration_sequences: int = 128
+    calibration_length: int = 512
     refine_steps: int = 0  # aligned: Adam steps per layer on the attention-output error (0: none)
     refine_lr: float = 1e-3
+    refine_batch: int = 4  # calibration sequences per refine step
     allow_same: bool = False  # G equal to the source's KV heads: an identity conversion
 
 
@@ -129,8 +130,8 @@ def convert(source: str, out: str | Path, options: ConvertOptions) -> Conversion
         raise GQAError(f"unknown grouping '{options.grouping}'; choose one of {', '.join(GROUPINGS)}.")
     if options.dtype not in DTYPES:
         raise GQAError(f"unknown dtype '{options.dtype}'; choose one of {', '.join(DTYPES)}.")
-    if options.refine_steps < 0 or options.refine_lr <= 0:
-        raise GQAError("--refine-steps must be at least 0 and --refine-lr greater than 0.")
+    if options.refine_steps < 0 or options.refine_lr <= 0 or options.refine_batch < 1:
+        raise GQAError("--refine-steps must be at least 0, --refine-lr greater than 0 and --refine-batch at least 1.")
     if options.refine_steps and options.method != "aligned":
         raise GQAError("--refine-steps refines the calibration pass of --method aligned; add --method aligned.")
     out = Path(out).expanduser().absolute()
@@ -413,7 +414,7 @@ def _aligned_pass(src: Source, index, config, out_config, family, geometry, opti
     work = staged.parent / "aligned"
     return layerwise_aligned_merge(
         index, config, out_config, family, geometry, tokens, merge, work,
-        refine_steps=options.refine_steps, refine_lr=options.refine_lr,
+        refine_steps=options.refine_steps, refine_lr=options.refine_lr, refine_batch=options.refine_batch,
     )
 
 
@@ -471,7 +472,7 @@ def _provenance(src: Source, config, index: CheckpointIndex, options: ConvertOpt
             "method": options.method,
             "grouping": options.grouping,
             "calibration": (options.calibration or "default") if options.method == "aligned" else None,
-            "refine": {"steps": options.refine_steps, "lr": options.refine_lr} if options.refine_steps else None,
+            "refine": {"steps": options.refine_steps, "lr": options.refine_lr, "batch": options.refine_batch} if options.refine_steps else None,
             "kv_heads": options.kv_heads,
             "groups": groups,
             "dtype": options.dtype,

@@ -180,15 +180,21 @@ def test_refinement_brings_a_lossy_merge_closer_to_the_source(tmp_path, calibrat
         return float((logits_of(out, text) - expected).pow(2).mean())
 
     plain = convert(str(src), tmp_path / "plain", aligned_options(1, calibration_file)).out_dir
-    refined = convert(str(src), tmp_path / "refined", aligned_options(1, calibration_file, refine_steps=40)).out_dir
+    refined = convert(
+        str(src), tmp_path / "refined", aligned_options(1, calibration_file, refine_steps=40, refine_batch=2)
+    ).out_dir
     assert error(refined) < 0.9 * error(plain)
-    assert read_provenance(refined)["conversion"]["refine"] == {"steps": 40, "lr": 1e-3}
+    assert read_provenance(refined)["conversion"]["refine"] == {"steps": 40, "lr": 1e-3, "batch": 2}
     assert read_provenance(plain)["conversion"]["refine"] is None
 
 
 @pytest.mark.parametrize(
     "flags, message",
-    [(["--refine-steps", "5"], "add --method aligned"), (["--method", "aligned", "--refine-steps", "-1"], "at least 0")],
+    [
+        (["--refine-steps", "5"], "add --method aligned"),
+        (["--method", "aligned", "--refine-steps", "-1"], "at least 0"),
+        (["--method", "aligned", "--refine-steps", "5", "--refine-batch", "0"], "--refine-batch at least 1"),
+    ],
 )
 def test_refinement_flags_are_checked(flags, message, tmp_path, capsys):
     from gqa.convert.cli import main

@@ -33,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         "--refine-steps", type=int, default=None,
         help="convert's --refine-steps (default 400 with --method aligned: the conversion then takes about 10 minutes on 2 CPU cores; 0: none)",
     )
-    # 24 steps x 4 x 256 tokens keep the whole demo near 12 minutes on 2 CPU cores (measured 12:14,
-    # conversion with 128 calibration sequences and refinement included); the recipe's own budget
+    # 24 steps x 2 x 512 tokens keep the whole demo near 12 minutes on 2 CPU cores (measured 12:14 with
+    # the same token counts, the conversion with its calibration below included); the recipe's own budget
     # (120 steps, about 120K tokens) is what bench/bench_merge_quality.py measures.
     parser.add_argument("--steps", type=int, default=24, help="uptraining steps (default 24; the recipe has 120)")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens to evaluate (default 8192)")
@@ -88,10 +88,11 @@ def run(args: argparse.Namespace) -> int:
     refine_steps = args.refine_steps if args.refine_steps is not None else (400 if args.method == "aligned" else 0)
     refining = f" --refine-steps {refine_steps}" if refine_steps else ""
     print(f"[1/4] converting {source} to {args.kv_heads} KV head(s) with --method {args.method}{refining}", flush=True)
-    # Half of convert's default calibration: 5 minutes less on 2 CPU cores, 2.1x instead of 2.0x the
-    # original's perplexity at 0 steps (bench/README.md).
+    # Half of convert's default calibration tokens, in 256-token sequences: refinement costs half as
+    # much, so the conversion takes about 10 minutes on 2 CPU cores instead of 22, for a worse start
+    # (bench/README.md).
     options = ConvertOptions(kv_heads=args.kv_heads, method=args.method, refine_steps=refine_steps,
-                             calibration_sequences=128, force=True)
+                             calibration_sequences=128, calibration_length=256, force=True)
     result = convert(source, out / "converted", options)
     before, after = result.kv_bytes_per_token_before, result.kv_bytes_per_token_after
     print(f"      {result.geometry.kv_heads} -> {result.kv_heads} KV heads, KV cache per token "
