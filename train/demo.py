@@ -33,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         "--refine-steps", type=int, default=None,
         help="convert's --refine-steps (default 400 with --method aligned: the conversion then takes about 10 minutes on 2 CPU cores; 0: none)",
     )
-    # 24 steps x 2 x 512 tokens keep the whole demo near 12 minutes on 2 CPU cores (measured 12:14 with
-    # the same token counts, the conversion with its calibration below included); the recipe's own budget
+    # 24 steps x 2 x 512 tokens keep the whole demo between 12 and 15 minutes on 2 CPU cores (measured
+    # 14:29 with 583 s of conversion; 12:14 with 4 x 256-token steps); the recipe's own budget
     # (120 steps, about 120K tokens) is what bench/bench_merge_quality.py measures.
     parser.add_argument("--steps", type=int, default=24, help="uptraining steps (default 24; the recipe has 120)")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens to evaluate (default 8192)")
