@@ -400,7 +400,12 @@ def _aligned_pass(src: Source, index, config, out_config, family, geometry, opti
         text = path.read_text(encoding="utf-8", errors="replace")
     else:
         text = default_calibration_text()
-    tokens = calibration_tokens(src.path, text, options.calibration_sequences, options.calibration_length)
+    length = options.calibration_length
+    context = getattr(config, "max_position_embeddings", None)
+    if context and length > context:  # activations past the trained context would mislead the merge
+        log.warning("--calibration-length %d is longer than the model's context; using %d", length, context)
+        length = context
+    tokens = calibration_tokens(src.path, text, options.calibration_sequences, length)
     log.info("calibrating on %d x %d tokens", *tokens.shape)
     frequencies = rotary_frequencies(config, geometry) if geometry.rotary_dims else None
 

@@ -208,3 +208,14 @@ def test_refinement_flags_are_checked(flags, message, tmp_path, capsys):
 def _llama_state():
     model = build_family_model("llama", kv=4, seed=16)
     return model.config, model.state_dict()
+
+
+def test_calibration_longer_than_the_context_is_cut_to_it(tmp_path, calibration_file, caplog):
+    model = build_family_model("llama", kv=4, seed=17)  # max_position_embeddings 256
+    src = write_source(model, tmp_path / "src", calibration_file)
+    options = ConvertOptions(kv_heads=2, method="aligned", calibration=str(calibration_file), calibration_sequences=2,
+                             calibration_length=1000)  # fmt: skip
+    with caplog.at_level("WARNING", logger="gqa.convert.convert"):
+        out = convert(str(src), tmp_path / "out", options).out_dir
+    assert "--calibration-length 1000 is longer than the model's context; using 256" in caplog.text
+    assert torch.isfinite(logits_of(out)).all()
