@@ -3,13 +3,15 @@
 `resolve_source` turns a local directory, a hub id or a .gguf file into a local directory;
 `CheckpointIndex` maps every tensor name to its file, dtype and shape, and reads one tensor at a
 time. Safetensors files are opened per read and closed again, so memory-mapped pages never pile
-up in the resident set; a `pytorch_model*.bin` shard is loaded (memory-mapped) one at a time.
+up in the resident set, and the source's pages behind the read position are handed back to the
+kernel; a `pytorch_model*.bin` shard is loaded (memory-mapped) one at a time.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,8 @@ from gqa.convert.errors import GQAError
 log = logging.getLogger(__name__)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+RELEASE_LAG_BYTES = 256 * 2**20  # source pages this far behind the read position are released
+RELEASE_STEP_BYTES = 64 * 2**20  # in steps of this much
 BIN_INDEX = "pytorch_model.bin.index.json"
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -46,6 +50,7 @@ class TensorInfo:
     dtype: torch.dtype
     shape: tuple[int, ...]
     position: int  # order inside the file, to read files front to back
+    offset: int | None = None  # byte offset of the data in a safetensors file
 
 
 def resolve_source(source: str, scratch: Path, config_only: bool = False) -> Source:
@@ -121,7 +126,7 @@ class CheckpointIndex:
         for file in self.files:
             self._index_file(file)
         self._bin_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
-        self._read_ahead: set[Path] = set()
+        self._released: dict[Path, int] = {}
 
     def _weight_files(self) -> list[Path]:
         d = self.model_dir
@@ -150,11 +155,11 @@ class CheckpointIndex:
             entries = read_safetensors_header(file)
         else:
             state = self._load_bin(file)
-            entries = {n: (t.dtype, tuple(t.shape), i) for i, (n, t) in enumerate(state.items())}
-        for name, (dtype, shape, offset) in entries.items():
+            entries = {n: (t.dtype, tuple(t.shape), i, None) for i, (n, t) in enumerate(state.items())}
+        for name, (dtype, shape, position, offset) in entries.items():
             if name in self.tensors:
                 raise GQAError(f"tensor {name} appears in both {self.tensors[name].file.name} and {file.name}.")
-            self.tensors[name] = TensorInfo(file, dtype, shape, offset)
+            self.tensors[name] = TensorInfo(file, dtype, shape, position, offset)
 
     @staticmethod
     def _load_bin(file: Path) -> dict[str, torch.Tensor]:
@@ -174,7 +179,7 @@ class CheckpointIndex:
     def read(self, name: str) -> torch.Tensor:
         info = self.tensors[name]
         if info.file.suffix == ".safetensors":
-            self._start_read_ahead(info.file)
+            self._release_behind(info)
             try:
                 with safe_open(info.file, framework="pt") as f:
                     return f.get_tensor(name)
@@ -184,32 +189,42 @@ class CheckpointIndex:
             self._bin_cache = (info.file, self._load_bin(info.file))  # one .bin shard held at a time
         return self._bin_cache[1][name]
 
-    def _start_read_ahead(self, file: Path) -> None:
-        """Ask the kernel to read a shard ahead in the background the first time it is touched,
-        so the disk works while tensors are merged and written (page cache, not resident memory)."""
-        if file in self._read_ahead or not hasattr(os, "posix_fadvise"):
+    def _release_behind(self, info: TensorInfo) -> None:
+        """Tell the kernel that the source's pages well behind this read will not be read again.
+
+        Conversion reads each byte once, front to back. Left cached, the source fills the page cache
+        beside the output's pages, and once memory runs short the kernel spends more CPU reclaiming
+        than copying (a 13.5 GB `cp -r` on a 24 GiB machine: 43 s of system time, against 3 s for
+        one 5 GB shard). The kernel leaves pages that are still mapped (tensors in use) alone."""
+        behind = info.offset - RELEASE_LAG_BYTES
+        if behind - self._released.get(info.file, 0) < RELEASE_STEP_BYTES or not hasattr(os, "posix_fadvise"):
             return
-        self._read_ahead.add(file)
-        fd = os.open(file, os.O_RDONLY)
+        fd = os.open(info.file, os.O_RDONLY)
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(fd, 0, behind, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+        self._released[info.file] = behind
 
     def total_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)
 
 
-def read_safetensors_header(file: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
-    """name -> (dtype, shape, position in the file), validated by the safetensors library, which
-    refuses a header that does not cover the file exactly: a truncated download is caught here,
-    before anything is written."""
+def read_safetensors_header(file: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """name -> (dtype, shape, position in the file, byte offset of its data), validated by the
+    safetensors library, which refuses a header that does not cover the file exactly: a truncated
+    download is caught here, before anything is written. Because the data is then known to be
+    packed, each tensor's byte offset is the header's end plus the sizes of the tensors before it."""
     try:
         with safe_open(file, framework="pt") as f:
             entries = {}
+            with open(file, "rb") as raw:
+                offset = 8 + int.from_bytes(raw.read(8), "little")
             for position, name in enumerate(f.offset_keys()):
                 piece = f.get_slice(name)
-                entries[name] = (SAFETENSORS_DTYPES[piece.get_dtype()], tuple(piece.get_shape()), position)
+                dtype, shape = SAFETENSORS_DTYPES[piece.get_dtype()], tuple(piece.get_shape())
+                entries[name] = (dtype, shape, position, offset)
+                offset += math.prod(shape) * dtype.itemsize
             return entries
     except SafetensorError as err:
         raise GQAError(

@@ -9,13 +9,15 @@ metadata and a `model.safetensors.index.json` weight map, as transformers writes
 
 The file writes run on one background thread, one tensor behind the caller, so the disk write of
 a tensor overlaps the reading and merging of the next (file writes release the GIL); at most two
-tensors are held at once.
+tensors are held at once. Written pages are handed to the kernel's writeback as the shard grows and
+dropped from the page cache once on disk, so a conversion does not fill memory with its output.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ import torch
 
 from gqa.convert.checkpoint import SAFETENSORS_DTYPES, SAFETENSORS_INDEX
 
+RELEASE_STEP_BYTES = 64 * 2**20
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
@@ -93,6 +96,7 @@ class ShardedSafetensorsWriter:
         self._file.write(len(encoded).to_bytes(8, "little"))
         self._file.write(encoded)
         self._left_in_shard = len(specs)
+        self._released = 0
 
     def _close_shard(self) -> None:
         if self._file is not None:
@@ -118,6 +122,18 @@ class ShardedSafetensorsWriter:
             self._open_next_shard()
         self._file.write(memoryview(data))
         self._left_in_shard -= 1
+        self._release_written()
+
+    def _release_written(self) -> None:
+        """Start writeback of what this shard has written and drop the pages already on disk.
+
+        The output is not read again by this process; left to the kernel, its dirty pages pile up
+        with the source's until reclaim and write throttling slow every write down."""
+        end = self._file.tell()
+        if end - self._released < RELEASE_STEP_BYTES or not hasattr(os, "posix_fadvise"):
+            return
+        os.posix_fadvise(self._file.fileno(), 0, end, os.POSIX_FADV_DONTNEED)
+        self._released = end
 
     def _wait(self) -> None:
         """Wait for the write in flight; an error it raised is raised here."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from safetensors import safe_open
 from tiny import FAMILY_TYPES, build_family_model, expand_kv_heads, logits_of, save_model
 from transformers import AutoModelForCausalLM
 
+from gqa.convert import checkpoint, writer
 from gqa.convert.card import read_provenance
 from gqa.convert.convert import ConvertOptions, convert, parse_size
 from gqa.convert.families import family_for
@@ -106,6 +108,52 @@ def test_sharded_input_and_output_round_trip(tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in read_all_tensors(out).values())
     torch.testing.assert_close(logits_of(out), logits_of(gqa_model), atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="page-cache hints are Linux/POSIX only")
+def test_page_cache_release_leaves_the_output_bit_identical(tmp_path, monkeypatch):
+    """The converter hands the source's pages behind its read position, and the output's written
+    pages, back to the kernel. With the thresholds at zero every read and every write does so,
+    while tensors are still mapped or in flight: the output must not change by a bit."""
+    model = build_family_model("llama", kv=4, seed=4)
+    src = save_model(model.config, model.state_dict(), tmp_path / "src", max_shard_size="40KB")
+    released: list[str] = []
+    real_fadvise = os.posix_fadvise
+
+    def spy(fd, offset, length, advice):
+        if advice == os.POSIX_FADV_DONTNEED:
+            released.append(Path(os.readlink(f"/proc/self/fd/{fd}")).parent.name)
+        return real_fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    monkeypatch.setattr(checkpoint, "RELEASE_LAG_BYTES", 0)
+    monkeypatch.setattr(checkpoint, "RELEASE_STEP_BYTES", 1)
+    monkeypatch.setattr(writer, "RELEASE_STEP_BYTES", 1)
+    out = convert(str(src), tmp_path / "out", ConvertOptions(kv_heads=4, allow_same=True, shard_size=parse_size("30KB"))).out_dir
+    assert {"src", "out"} <= set(released)  # the source's shards and the staged output's
+    before = {}
+    for file in sorted(src.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            before.update({name: f.get_tensor(name) for name in f.keys()})
+    after = read_all_tensors(out)
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), name
+
+
+def test_tensor_byte_offsets_match_the_safetensors_header(tmp_path):
+    model = build_family_model("qwen2", kv=2, seed=4)
+    src = save_model(model.config, model.state_dict(), tmp_path / "src")
+    raw = (src / "model.safetensors").read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_len])
+    header.pop("__metadata__", None)
+    index = checkpoint.CheckpointIndex(src)
+    for name, entry in header.items():
+        start, end = entry["data_offsets"]
+        info = index.tensors[name]
+        assert info.offset == 8 + header_len + start, name
+        assert bytes(index.read(name).contiguous().view(torch.uint8).reshape(-1).numpy()) == raw[8 + header_len + start : 8 + header_len + end]
 
 
 def test_bin_checkpoint_is_read(tmp_path):
