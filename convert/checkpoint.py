@@ -24,9 +24,9 @@ from gqa.convert.errors import GQAError
 log = logging.getLogger(__name__)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
 RELEASE_LAG_BYTES = 256 * 2**20  # source pages this far behind the read position are released
 RELEASE_STEP_BYTES = 64 * 2**20  # in steps of this much
-BIN_INDEX = "pytorch_model.bin.index.json"
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
