@@ -14,8 +14,10 @@ converted model's (whose earlier layers are already merged). For each layer:
 4. the merged layer (with its refitted o_proj) carries the converted stream to the next layer.
 
 The models are built on the meta device and run with their real transformers code; a layer's
-weights are materialised from the checkpoint just before it runs and dropped after. Each merged
-layer's attention tensors go to disk, for the streaming writer to pick up.
+weights are materialised from the checkpoint (on `device`: a GPU when there is one) just before it
+runs and dropped after. The closed-form merge itself runs on the CPU: it sees one layer's weights and
+a (hidden+1)^2 moment. Each merged layer's attention tensors go to disk, for the streaming writer to
+pick up.
 """
 
 from __future__ import annotations
@@ -70,10 +72,12 @@ def calibration_tokens(model_dir: Path, text: str, sequences: int, seq_len: int)
     return ids[: usable * seq_len].reshape(usable, seq_len)
 
 
-def _materialise(model, module: torch.nn.Module, read: Callable[[str], torch.Tensor], prefix: str) -> None:
+def _materialise(
+    model, module: torch.nn.Module, read: Callable[[str], torch.Tensor], prefix: str, device: torch.device
+) -> None:
     """Give a meta-device module real storage and the checkpoint's weights. Buffers that are not
     stored (rotary frequencies, embedding scales) are computed by the model's own initialiser."""
-    module.to_empty(device="cpu")
+    module.to_empty(device=device)
     for sub in module.modules():
         if sub._non_persistent_buffers_set:
             model._init_weights(sub)
@@ -103,7 +107,7 @@ def _capture(module: torch.nn.Module, store: list, calls: list | None = None):
 
 def _augment(x: torch.Tensor) -> torch.Tensor:
     x = x.reshape(-1, x.shape[-1]).double()
-    return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+    return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)
 
 
 def refit_output_projection(
@@ -121,7 +125,7 @@ def refit_output_projection(
     has_bias = prior_bias is not None
     a = merged_heads.reshape(-1, merged_heads.shape[-1]).double()
     if has_bias:
-        a = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], dim=1)
+        a = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype, device=a.device)], dim=1)
     target = source_heads.reshape(-1, source_heads.shape[-1]).double() @ source_weight.double().T
     if source_bias is not None:
         target = target + source_bias.double()
@@ -129,7 +133,7 @@ def refit_output_projection(
     if has_bias:
         prior = torch.cat([prior, prior_bias.double()[None, :]])
     gram = a.T @ a
-    ridge = RIDGE * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+    ridge = RIDGE * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
     solution = torch.linalg.solve(gram + ridge, a.T @ target + ridge @ prior)
     if has_bias:
         return solution[:-1].T, solution[-1]
@@ -196,6 +200,7 @@ def layerwise_aligned_merge(
     refine_steps: int = 0,
     refine_lr: float = 1e-3,
     refine_batch: int = 4,
+    device: str | torch.device = "cpu",
 ) -> tuple[list[Path], list[list[list[int]]]]:
     """Run the pass described above. `merge(layer, attention_tensors, moment)` returns the merged
     attention tensors (relative names) and the groups used. Returns per-layer files and groups."""
@@ -209,7 +214,7 @@ def layerwise_aligned_merge(
 
     for name, child in src_base.named_children():
         if child is not src_base.layers:
-            _materialise(source, child, read_source, f"{prefix}{name}.")
+            _materialise(source, child, read_source, f"{prefix}{name}.", device)
 
     # The inputs of layer 0 (embeddings, rotary position embeddings, mask) from the real model code.
     first_call: dict = {}
@@ -221,7 +226,7 @@ def layerwise_aligned_merge(
     handle = src_base.layers[0].register_forward_pre_hook(stop_at_first_layer, with_kwargs=True)
     try:
         with torch.no_grad():
-            src_base(input_ids=tokens, use_cache=False)
+            src_base(input_ids=tokens.to(device), use_cache=False)
     except _Stop:
         pass
     handle.remove()
@@ -234,7 +239,7 @@ def layerwise_aligned_merge(
     for i in tqdm(range(geometry.layers), desc="aligning", unit="layer", disable=None):
         src_layer, conv_layer = src_base.layers[i], conv_base.layers[i]
         attention_prefix = ATTENTION_PREFIX.format(i=i)
-        _materialise(source, src_layer, read_source, f"{prefix}layers.{i}.")
+        _materialise(source, src_layer, read_source, f"{prefix}layers.{i}.", device)
         attn_inputs: list[torch.Tensor] = []
         head_outputs: list[torch.Tensor] = []
         attn_calls: list[dict] = []
@@ -256,7 +261,7 @@ def layerwise_aligned_merge(
         tensors = {
             name[len(attention_prefix) :]: read_source(name) for name in index.tensors if name.startswith(attention_prefix)
         }
-        merged, groups = merge(i, tensors, moment)
+        merged, groups = merge(i, tensors, moment.cpu())
         src_layer.to_empty(device="meta")
 
         def read_converted(name: str) -> torch.Tensor:
@@ -264,7 +269,7 @@ def layerwise_aligned_merge(
                 return merged[name[len(attention_prefix) :]]
             return read_source(name)
 
-        _materialise(converted, conv_layer, read_converted, f"{prefix}layers.{i}.")
+        _materialise(converted, conv_layer, read_converted, f"{prefix}layers.{i}.", device)
         if refit_output:
             merged_outputs: list[torch.Tensor] = []
             hook = _capture(conv_layer.self_attn.get_submodule(o_module), merged_outputs)
@@ -279,9 +284,9 @@ def layerwise_aligned_merge(
                 if bias is not None:
                     o_proj.bias.copy_(bias)
             dtype = tensors[family.o_proj].dtype
-            merged[family.o_proj] = weight.to(dtype)
+            merged[family.o_proj] = weight.to("cpu", dtype)
             if bias is not None:
-                merged[family.o_proj.replace(".weight", ".bias")] = bias.to(dtype)
+                merged[family.o_proj.replace(".weight", ".bias")] = bias.to("cpu", dtype)
         if refine_steps:
             source_output = source_heads @ src_o_weight.T + (0 if src_o_bias is None else src_o_bias)
             before, after = refine_attention(
@@ -291,7 +296,7 @@ def layerwise_aligned_merge(
             attention = conv_layer.self_attn
             dtype = tensors[family.o_proj].dtype
             for name in merged:
-                merged[name] = attention.get_parameter(name).detach().to(dtype)
+                merged[name] = attention.get_parameter(name).detach().to("cpu", dtype)
         with torch.no_grad():
             converted_stream = _output(conv_layer(converted_stream, **layer_kwargs))
         conv_layer.to_empty(device="meta")

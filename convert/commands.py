@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument(
         "--calibration",
         metavar="FILE",
-        help="text file for --method aligned (default: docstrings of 22 Python standard-library modules)",
+        help="text file for --method aligned, or stdlib-docs:train (the recipes' training text, about 280K "
+        "SmolLM2 tokens: enough for 512 sequences of 512); default: docstrings of 22 Python standard-library modules",
     )
     parser.add_argument(
         "--calibration-sequences", type=int, default=ConvertOptions.calibration_sequences,
@@ -67,6 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         "--refine-batch", type=int, default=ConvertOptions.refine_batch,
         help=f"calibration sequences per --refine-steps step (default {ConvertOptions.refine_batch}; more "
         "fit held-out text better and cost proportionally more time)",
+    )
+    parser.add_argument(
+        "--device", default=ConvertOptions.device,
+        help="where --method aligned runs its calibration pass: auto (default: the GPU when torch sees one, "
+        "else the CPU), cpu, cuda or cuda:N",
     )
 
 
@@ -93,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         refine_steps=args.refine_steps,
         refine_lr=args.refine_lr,
         refine_batch=args.refine_batch,
+        device=args.device,
     )
     result = convert(args.source, args.out, options)
     before, after = result.kv_bytes_per_token_before, result.kv_bytes_per_token_after

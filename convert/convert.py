@@ -60,6 +60,9 @@ TOKENIZER_FILE = re.compile(
 NOT_COPIED = {"config.json", "README.md", SAFETENSORS_INDEX, BIN_INDEX, "gqa_provenance.json"}
 
 
+CORPUS_PREFIX = "stdlib-docs:"  # --calibration stdlib-docs:train: the training corpus of the recipes (gqa.train.corpus)
+
+
 @dataclass(frozen=True)
 class ConvertOptions:
     kv_heads: int
@@ -76,6 +79,7 @@ class ConvertOptions:
     refine_steps: int = 0  # aligned: Adam steps per layer on the attention-output error (0: none)
     refine_lr: float = 1e-3
     refine_batch: int = 4  # calibration sequences per refine step
+    device: str = "auto"  # where the calibration pass runs; auto: the GPU when torch sees one, else the CPU
     allow_same: bool = False  # G equal to the source's KV heads: an identity conversion
 
 
@@ -134,6 +138,8 @@ def convert(source: str, out: str | Path, options: ConvertOptions) -> Conversion
         raise GQAError("--refine-steps must be at least 0, --refine-lr greater than 0 and --refine-batch at least 1.")
     if options.refine_steps and options.method != "aligned":
         raise GQAError("--refine-steps refines the calibration pass of --method aligned; add --method aligned.")
+    if options.method == "aligned":
+        calibration_device(options.device)  # a bad --device fails before anything is read or written
     out = Path(out).expanduser().absolute()
     check_output_location(source, out, options.force)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -393,7 +399,14 @@ def _convert_into(src: Source, staged: Path, options: ConvertOptions) -> Convers
 def _aligned_pass(src: Source, index, config, out_config, family, geometry, options: ConvertOptions, staged: Path):
     from gqa.convert.calibration import calibration_tokens, default_calibration_text, layerwise_aligned_merge
 
-    if options.calibration:
+    if options.calibration and options.calibration.startswith(CORPUS_PREFIX):
+        from gqa.train.corpus import SPLITS, corpus_text
+
+        split = options.calibration[len(CORPUS_PREFIX) :]
+        if split not in SPLITS:
+            raise GQAError(f"--calibration {options.calibration}: the corpus splits are {', '.join(CORPUS_PREFIX + s for s in SPLITS)}.")
+        text = corpus_text(split)
+    elif options.calibration:
         path = Path(options.calibration)
         if not path.is_file():
             raise GQAError(f"calibration file {path} does not exist.")
@@ -406,7 +419,8 @@ def _aligned_pass(src: Source, index, config, out_config, family, geometry, opti
         log.warning("--calibration-length %d is longer than the model's context; using %d", length, context)
         length = context
     tokens = calibration_tokens(src.path, text, options.calibration_sequences, length)
-    log.info("calibrating on %d x %d tokens", *tokens.shape)
+    device = calibration_device(options.device)
+    log.info("calibrating on %d x %d tokens on %s", *tokens.shape, device)
     frequencies = rotary_frequencies(config, geometry) if geometry.rotary_dims else None
 
     def merge(layer: int, tensors: dict[str, torch.Tensor], moment: torch.Tensor):
@@ -420,7 +434,23 @@ def _aligned_pass(src: Source, index, config, out_config, family, geometry, opti
     return layerwise_aligned_merge(
         index, config, out_config, family, geometry, tokens, merge, work,
         refine_steps=options.refine_steps, refine_lr=options.refine_lr, refine_batch=options.refine_batch,
+        device=device,
     )
+
+
+def calibration_device(name: str) -> torch.device:
+    """The torch device for the calibration pass: `auto` picks the GPU when torch sees one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise GQAError(f"--device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N.") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GQAError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu (or auto).")
+    if device.type not in ("cpu", "cuda"):
+        raise GQAError(f"--device {name}: the calibration pass runs on cpu or cuda only.")
+    return device
 
 
 def _groups_for(

@@ -194,6 +194,9 @@ def test_refinement_brings_a_lossy_merge_closer_to_the_source(tmp_path, calibrat
         (["--refine-steps", "5"], "add --method aligned"),
         (["--method", "aligned", "--refine-steps", "-1"], "at least 0"),
         (["--method", "aligned", "--refine-steps", "5", "--refine-batch", "0"], "--refine-batch at least 1"),
+        (["--method", "aligned", "--device", "gpu0"], "is not a torch device"),
+        (["--method", "aligned", "--calibration", "stdlib-docs:tests"], "the corpus splits are stdlib-docs:train"),
+        (["--method", "aligned", "--device", "meta"], "runs on cpu or cuda only"),
     ],
 )
 def test_refinement_flags_are_checked(flags, message, tmp_path, capsys):
@@ -203,6 +206,50 @@ def test_refinement_flags_are_checked(flags, message, tmp_path, capsys):
     assert main(["convert", str(src), str(tmp_path / "out"), "--kv-heads", "1", *flags]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_cuda_device_without_a_gpu_is_refused(tmp_path, capsys):
+    from gqa.convert.cli import main
+
+    src = save_model(*_llama_state(), tmp_path / "src")
+    assert main(["convert", str(src), str(tmp_path / "out"), "--kv-heads", "1", "--method", "aligned", "--device", "cuda"]) == 2
+    assert "torch sees no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_calibration_on_the_gpu_matches_the_cpu(tmp_path, calibration_file):
+    model = build_family_model("llama", kv=4, seed=15)
+    src = write_source(model, tmp_path / "src", calibration_file)
+    for steps, tolerance in ((0, 1e-4), (20, 1e-2)):  # Adam's normalised steps amplify rounding differences
+        outs = {
+            device: convert(
+                str(src), tmp_path / f"{device}-{steps}", aligned_options(1, calibration_file, refine_steps=steps, device=device)
+            ).out_dir
+            for device in ("cpu", "cuda")
+        }
+        torch.testing.assert_close(logits_of(outs["cuda"]), logits_of(outs["cpu"]), atol=tolerance, rtol=0)
+
+
+def test_calibration_can_name_the_training_corpus(tmp_path):
+    from safetensors.torch import load_file
+
+    from gqa.train.corpus import corpus_text
+
+    model = build_family_model("llama", kv=4, seed=18)
+    src = save_model(model.config, model.state_dict(), tmp_path / "src")
+    save_char_tokenizer(src)
+    (tmp_path / "train.txt").write_text(corpus_text("train"))
+    outs = [
+        convert(str(src), tmp_path / name, aligned_options(1, calibration, refine_steps=2)).out_dir
+        for name, calibration in (("named", "stdlib-docs:train"), ("file", tmp_path / "train.txt"))
+    ]
+    weights = [load_file(next(out.glob("*.safetensors"))) for out in outs]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], atol=0, rtol=0)
+    assert read_provenance(outs[0])["conversion"]["calibration"] == "stdlib-docs:train"
 
 
 def _llama_state():
