@@ -58,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument(
         "--refine-steps", type=int, default=0,
         help="aligned: after each layer's merge, Adam steps on its attention weights to match the source "
-        "attention's output on the calibration tokens (default 0: none; 400 took SmolLM2-135M 3->1 to 1.85x the original perplexity)",
+        "attention's output on the calibration tokens (default 0: none; 400 took SmolLM2-135M 3->1 to 1.85x the original "
+        "perplexity; on a GPU, 1600 with --refine-batch 32 on 512 calibration sequences to 1.32x)",
     )
     parser.add_argument(
         "--refine-lr", type=float, default=ConvertOptions.refine_lr,

@@ -266,3 +266,15 @@ def test_calibration_longer_than_the_context_is_cut_to_it(tmp_path, calibration_
         out = convert(str(src), tmp_path / "out", options).out_dir
     assert "--calibration-length 1000 is longer than the model's context; using 256" in caplog.text
     assert torch.isfinite(logits_of(out)).all()
+
+
+def test_demo_refines_harder_only_on_a_gpu():
+    from gqa.train.demo import conversion_options
+
+    cpu, gpu = (conversion_options(1, "aligned", None, gpu=on_gpu) for on_gpu in (False, True))
+    assert (cpu.refine_steps, cpu.refine_batch, cpu.calibration, cpu.calibration_sequences, cpu.calibration_length) == (
+        400, 4, None, 128, 256)  # fmt: skip
+    assert (gpu.refine_steps, gpu.refine_batch, gpu.calibration, gpu.calibration_sequences, gpu.calibration_length) == (
+        1600, 32, "stdlib-docs:train", 512, 512)  # fmt: skip
+    assert conversion_options(1, "aligned", 0, gpu=True).refine_steps == 0  # --refine-steps 0 still skips it
+    assert conversion_options(1, "mean", None, gpu=True).refine_steps == 0

@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--method", default="aligned", help="merge method for the conversion (default aligned)")
     parser.add_argument(
         "--refine-steps", type=int, default=None,
-        help="convert's --refine-steps (default 400 with --method aligned: the conversion then takes about 10 minutes on 2 CPU cores; 0: none)",
+        help="convert's --refine-steps (default with --method aligned: 400 on the CPU, where the conversion then takes "
+        "about 10 minutes on 2 cores; 1600 on a GPU, with more calibration text, about 5 minutes on an H200; 0: none)",
     )
     # 24 steps x 2 x 512 tokens keep the whole demo between 12 and 15 minutes on 2 CPU cores (measured
     # 14:29 with 583 s of conversion; 12:14 with 4 x 256-token steps); the recipe's own budget
@@ -65,6 +66,23 @@ def fetch_default_model(cache: Path = CACHE) -> Path:
     return model_dir
 
 
+def conversion_options(kv_heads: int, method: str, refine_steps: int | None, gpu: bool):
+    """The demo's conversion. On the CPU: half of convert's default calibration tokens, in 256-token
+    sequences, and 400 refine steps, so the conversion takes about 10 minutes on 2 cores instead of 22,
+    for a worse start. On a GPU: the refinement that starts closest to the original (bench/README.md,
+    session 8: 512 x 512 tokens of the training text, 1600 steps of 32 sequences; 5 minutes on an H200)."""
+    from gqa.convert.convert import ConvertOptions
+
+    if method != "aligned":
+        return ConvertOptions(kv_heads=kv_heads, method=method, refine_steps=refine_steps or 0, force=True)
+    if gpu:
+        return ConvertOptions(kv_heads=kv_heads, method=method, refine_steps=1600 if refine_steps is None else refine_steps,
+                              refine_batch=32, calibration="stdlib-docs:train", calibration_sequences=512,
+                              calibration_length=512, force=True)  # fmt: skip
+    return ConvertOptions(kv_heads=kv_heads, method=method, refine_steps=400 if refine_steps is None else refine_steps,
+                          calibration_sequences=128, calibration_length=256, force=True)  # fmt: skip
+
+
 def generate_sample(model_dir: Path, prompt: str, max_new_tokens: int = 24) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -78,21 +96,21 @@ def generate_sample(model_dir: Path, prompt: str, max_new_tokens: int = 24) -> s
 
 
 def run(args: argparse.Namespace) -> int:
-    from gqa.convert.convert import ConvertOptions, convert
+    import torch
+
+    from gqa.convert.convert import convert
     from gqa.convert.kvcache import human_bytes
     from gqa.train.api import recipes_dir, run_recipe, write_corpus
     from gqa.train.evaluate import evaluate
 
     out = Path(args.out).absolute()
     source = args.model or str(fetch_default_model())
-    refine_steps = args.refine_steps if args.refine_steps is not None else (400 if args.method == "aligned" else 0)
-    refining = f" --refine-steps {refine_steps}" if refine_steps else ""
-    print(f"[1/4] converting {source} to {args.kv_heads} KV head(s) with --method {args.method}{refining}", flush=True)
-    # Half of convert's default calibration tokens, in 256-token sequences: refinement costs half as
-    # much, so the conversion takes about 10 minutes on 2 CPU cores instead of 22, for a worse start
-    # (bench/README.md).
-    options = ConvertOptions(kv_heads=args.kv_heads, method=args.method, refine_steps=refine_steps,
-                             calibration_sequences=128, calibration_length=256, force=True)
+    options = conversion_options(args.kv_heads, args.method, args.refine_steps, torch.cuda.is_available())
+    refining = f" --refine-steps {options.refine_steps} --refine-batch {options.refine_batch}" if options.refine_steps else ""
+    calibrating = (f", calibration {options.calibration or 'default'} {options.calibration_sequences} x "
+                   f"{options.calibration_length}" if args.method == "aligned" else "")  # fmt: skip
+    print(f"[1/4] converting {source} to {args.kv_heads} KV head(s) with --method {args.method}{refining}{calibrating}",
+          flush=True)  # fmt: skip
     result = convert(source, out / "converted", options)
     before, after = result.kv_bytes_per_token_before, result.kv_bytes_per_token_after
     print(f"      {result.geometry.kv_heads} -> {result.kv_heads} KV heads, KV cache per token "
