@@ -60,9 +60,6 @@ TOKENIZER_FILE = re.compile(
 NOT_COPIED = {"config.json", "README.md", SAFETENSORS_INDEX, BIN_INDEX, "gqa_provenance.json"}
 
 
-CORPUS_PREFIX = "stdlib-docs:"  # --calibration stdlib-docs:train: the training corpus of the recipes (gqa.train.corpus)
-
-
 @dataclass(frozen=True)
 class ConvertOptions:
     kv_heads: int
@@ -398,14 +395,14 @@ def _convert_into(src: Source, staged: Path, options: ConvertOptions) -> Convers
 
 def _aligned_pass(src: Source, index, config, out_config, family, geometry, options: ConvertOptions, staged: Path):
     from gqa.convert.calibration import calibration_tokens, default_calibration_text, layerwise_aligned_merge
+    from gqa.train import corpus
 
-    if options.calibration and options.calibration.startswith(CORPUS_PREFIX):
-        from gqa.train.corpus import SPLITS, corpus_text
-
-        split = options.calibration[len(CORPUS_PREFIX) :]
-        if split not in SPLITS:
-            raise GQAError(f"--calibration {options.calibration}: the corpus splits are {', '.join(CORPUS_PREFIX + s for s in SPLITS)}.")
-        text = corpus_text(split)
+    name, _, split = (options.calibration or "").partition(":")
+    if name == corpus.NAME:  # the recipes' corpus, as `stdlib-docs:train`
+        if split not in corpus.SPLITS:
+            splits = ", ".join(f"{corpus.NAME}:{s}" for s in corpus.SPLITS)
+            raise GQAError(f"--calibration {options.calibration}: the corpus splits are {splits}.")
+        text = corpus.corpus_text(split)
     elif options.calibration:
         path = Path(options.calibration)
         if not path.is_file():

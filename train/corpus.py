@@ -26,6 +26,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "heldout")
+NAME = "stdlib-docs"  # named as `stdlib-docs:train` / `stdlib-docs:heldout` by recipes and `--calibration`
 
 # Held out whole packages, so no module's text sits on both sides (about 250 KB of docstrings).
 HELDOUT_PACKAGES = (

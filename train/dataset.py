@@ -30,7 +30,7 @@ from gqa.train.recipe import DataSection
 
 logger = logging.getLogger(__name__)
 
-STDLIB_SOURCE = "stdlib-docs"  # `stdlib-docs:train` / `stdlib-docs:heldout`, see gqa.train.corpus
+STDLIB_SOURCE = corpus.NAME
 CACHE_FORMAT = 1  # bump when the layout of cached blocks changes
 FILE_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TOKENIZER_FILES = (

@@ -73,14 +73,17 @@ def conversion_options(kv_heads: int, method: str, refine_steps: int | None, gpu
     session 8: 512 x 512 tokens of the training text, 1600 steps of 32 sequences; 5 minutes on an H200)."""
     from gqa.convert.convert import ConvertOptions
 
+    common = {"kv_heads": kv_heads, "method": method, "force": True}
     if method != "aligned":
-        return ConvertOptions(kv_heads=kv_heads, method=method, refine_steps=refine_steps or 0, force=True)
+        return ConvertOptions(**common, refine_steps=refine_steps or 0)
     if gpu:
-        return ConvertOptions(kv_heads=kv_heads, method=method, refine_steps=1600 if refine_steps is None else refine_steps,
-                              refine_batch=32, calibration="stdlib-docs:train", calibration_sequences=512,
-                              calibration_length=512, force=True)  # fmt: skip
-    return ConvertOptions(kv_heads=kv_heads, method=method, refine_steps=400 if refine_steps is None else refine_steps,
-                          calibration_sequences=128, calibration_length=256, force=True)  # fmt: skip
+        settings = {"refine_steps": 1600, "refine_batch": 32, "calibration": "stdlib-docs:train",
+                    "calibration_sequences": 512, "calibration_length": 512}  # fmt: skip
+    else:
+        settings = {"refine_steps": 400, "calibration_sequences": 128, "calibration_length": 256}
+    if refine_steps is not None:
+        settings["refine_steps"] = refine_steps
+    return ConvertOptions(**common, **settings)
 
 
 def generate_sample(model_dir: Path, prompt: str, max_new_tokens: int = 24) -> str:
