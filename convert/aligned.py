@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from gqa.convert.families import Family, Geometry
-from gqa.convert.heads import merge_heads, merge_stacked_rows, role_of
+from gqa.convert.heads import merge_per_head, merge_stacked_rows, role_of
 
 EPS = 1e-10
 
@@ -115,18 +115,17 @@ def split_qkvo(tensors: dict[str, torch.Tensor], family: Family, geometry: Geome
 def join_qkvo(
     parts: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], family: Family
 ) -> dict[str, torch.Tensor]:
-    """Write merged matrices back under the source's tensor names and dtypes."""
+    """Write merged matrices back under the source's tensor names, in float32 (the writer casts once,
+    to the output dtype)."""
     out: dict[str, torch.Tensor] = {}
-    dtype = tensors[family.o_proj].dtype
     if family.fused_qkv:
-        name = family.fused_qkv[0]
-        out[name] = torch.cat([parts[p][:, :-1] for p in "qkv"]).to(tensors[name].dtype)
+        out[family.fused_qkv[0]] = torch.cat([parts[p][:, :-1] for p in "qkv"]).float()
     else:
         for p in "qkv":
-            out[f"{p}_proj.weight"] = parts[p][:, :-1].to(dtype)
+            out[f"{p}_proj.weight"] = parts[p][:, :-1].float()
             if f"{p}_proj.bias" in tensors:
-                out[f"{p}_proj.bias"] = parts[p][:, -1].to(tensors[f"{p}_proj.bias"].dtype)
-    out[family.o_proj] = parts["o"].to(dtype)
+                out[f"{p}_proj.bias"] = parts[p][:, -1].float()
+    out[family.o_proj] = parts["o"].float()
     return out
 
 
@@ -214,7 +213,5 @@ def aligned_merge(
         if "norm" in rel and rel in tensors:
             out[rel] = merge_stacked_rows(tensors[rel], kv, groups, "mean", role_of(rel))
     for pattern in family.kv_per_head:
-        stacked = torch.stack([tensors[pattern.format(j=j)] for j in range(kv)])
-        for g, head in enumerate(merge_heads(stacked, groups, "mean", "norm")):
-            out[pattern.format(j=g)] = head
+        merge_per_head(out, pattern, kv, groups, "mean")
     return out

@@ -13,11 +13,12 @@ converted model's (whose earlier layers are already merged). For each layer:
    merge lost in values and keys alike, and the drift of earlier layers too;
 4. the merged layer (with its refitted o_proj) carries the converted stream to the next layer.
 
-The models are built on the meta device and run with their real transformers code; a layer's
-weights are materialised from the checkpoint (on `device`: a GPU when there is one) just before it
-runs and dropped after. The closed-form merge itself runs on the CPU: it sees one layer's weights and
-a (hidden+1)^2 moment. Each merged layer's attention tensors go to disk, for the streaming writer to
-pick up.
+The models are built on the meta device and run with their real transformers code; every layer
+runs with the arguments the model's own forward gives it (its own attention mask: sliding-window
+layers see a different one from full-attention layers). A layer's weights are materialised from the
+checkpoint (on `device`: a GPU when there is one) just before it runs and dropped after. The
+closed-form merge itself runs on the CPU: it sees one layer's weights and a (hidden+1)^2 moment.
+Each merged layer's attention tensors go to disk, for the streaming writer to pick up.
 """
 
 from __future__ import annotations
@@ -89,8 +90,37 @@ def _meta_model(config):
         return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
 
 
-class _Stop(Exception):
-    pass
+class _LayerCall(torch.nn.Module):
+    """Stands in for a decoder layer: records the call the model makes to it and passes the hidden
+    states through unchanged."""
+
+    def __init__(self, layer: torch.nn.Module, calls: list[dict]):
+        super().__init__()
+        self.calls = calls
+        if hasattr(layer, "attention_type"):  # some models pick each layer's mask by this attribute
+            self.attention_type = layer.attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.calls.append(dict(kwargs, hidden_states=hidden_states))
+        return hidden_states
+
+
+def _layer_calls(base: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+    """The input of layer 0 (embeddings) and the keyword arguments the model's own code gives each
+    layer (its attention mask, which differs between sliding-window and full-attention layers, the
+    rotary embeddings). The layers are swapped for recorders, so none of them runs."""
+    layers = base.layers
+    calls: list[dict] = []
+    base.layers = torch.nn.ModuleList(_LayerCall(layer, calls) for layer in layers)
+    try:
+        with torch.no_grad():
+            base(input_ids=input_ids, use_cache=False)
+    finally:
+        base.layers = layers
+    if len(calls) != len(layers):
+        raise GQAError(f"the model called {len(calls)} of its {len(layers)} layers; cannot calibrate it layer by layer.")
+    first = calls[0]["hidden_states"]
+    return first, [{k: v for k, v in call.items() if k != "hidden_states"} for call in calls]
 
 
 def _capture(module: torch.nn.Module, store: list, calls: list | None = None):
@@ -181,7 +211,7 @@ def refine_attention(
             p.requires_grad_(False)
     with torch.no_grad():
         after = float(error(slice(None)))
-        if after >= before:
+        if not after < before:  # no better, or diverged to NaN
             attention.load_state_dict(start)
             after = before
     return before, after
@@ -216,22 +246,8 @@ def layerwise_aligned_merge(
         if child is not src_base.layers:
             _materialise(source, child, read_source, f"{prefix}{name}.", device)
 
-    # The inputs of layer 0 (embeddings, rotary position embeddings, mask) from the real model code.
-    first_call: dict = {}
-
-    def stop_at_first_layer(module, args, kwargs):
-        first_call.update(kwargs, hidden_states=kwargs.get("hidden_states", args[0] if args else None))
-        raise _Stop
-
-    handle = src_base.layers[0].register_forward_pre_hook(stop_at_first_layer, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            src_base(input_ids=tokens.to(device), use_cache=False)
-    except _Stop:
-        pass
-    handle.remove()
-    layer_kwargs = {k: v for k, v in first_call.items() if k != "hidden_states"}
-    source_stream = converted_stream = first_call["hidden_states"]
+    embeddings, layer_kwargs = _layer_calls(src_base, tokens.to(device))
+    source_stream = converted_stream = embeddings
 
     o_module = family.o_proj.rsplit(".", 1)[0]
     paths, all_groups = [], []
@@ -248,8 +264,8 @@ def layerwise_aligned_merge(
             _capture(src_layer.self_attn.get_submodule(o_module), head_outputs),
         ]
         with torch.no_grad():
-            next_source = _output(src_layer(source_stream, **layer_kwargs))
-            _output(src_layer(converted_stream, **layer_kwargs))
+            next_source = _output(src_layer(source_stream, **layer_kwargs[i]))
+            _output(src_layer(converted_stream, **layer_kwargs[i]))
         for h in hooks:
             h.remove()
         source_heads = head_outputs[0]
@@ -274,7 +290,7 @@ def layerwise_aligned_merge(
             merged_outputs: list[torch.Tensor] = []
             hook = _capture(conv_layer.self_attn.get_submodule(o_module), merged_outputs)
             with torch.no_grad():
-                conv_layer(converted_stream, **layer_kwargs)
+                conv_layer(converted_stream, **layer_kwargs[i])
             hook.remove()
             o_proj = conv_layer.self_attn.get_submodule(o_module)
             source_o = src_o_weight, src_o_bias
@@ -283,22 +299,19 @@ def layerwise_aligned_merge(
                 o_proj.weight.copy_(weight)
                 if bias is not None:
                     o_proj.bias.copy_(bias)
-            dtype = tensors[family.o_proj].dtype
-            merged[family.o_proj] = weight.to("cpu", dtype)
+            merged[family.o_proj] = weight.to("cpu", torch.float32)
             if bias is not None:
-                merged[family.o_proj.replace(".weight", ".bias")] = bias.to("cpu", dtype)
+                merged[family.o_proj.replace(".weight", ".bias")] = bias.to("cpu", torch.float32)
         if refine_steps:
             source_output = source_heads @ src_o_weight.T + (0 if src_o_bias is None else src_o_bias)
             before, after = refine_attention(
                 conv_layer.self_attn, attn_inputs[1], attn_calls[1], source_output, refine_steps, refine_lr, refine_batch
             )
             log.info("layer %d: attention output error %.4f -> %.4f", i, before, after)
-            attention = conv_layer.self_attn
-            dtype = tensors[family.o_proj].dtype
-            for name in merged:
-                merged[name] = attention.get_parameter(name).detach().to("cpu", dtype)
+            for name, param in conv_layer.self_attn.named_parameters():
+                merged[name] = param.detach().to("cpu", torch.float32)
         with torch.no_grad():
-            converted_stream = _output(conv_layer(converted_stream, **layer_kwargs))
+            converted_stream = _output(conv_layer(converted_stream, **layer_kwargs[i]))
         conv_layer.to_empty(device="meta")
         source_stream = next_source
         paths.append(out_dir / f"layer-{i:05d}.safetensors")

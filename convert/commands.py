@@ -110,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"  KV cache / token  {human_bytes(before)} -> {human_bytes(after)} ({before / after:g}x smaller)")
     print(f"  written           {result.tensors_written} tensors, {human_bytes(result.bytes_written)}")
     print(f"  time              {result.seconds:.1f} s")
-    if result.passed_through_unknown:
-        print(f"  copied unchanged  {len(result.passed_through_unknown)} tensors the model does not define")
+    if result.dropped:
+        print(f"  left out          {len(result.dropped)} tensors the model does not define (transformers does not load them)")
     return 0
 
 

@@ -45,7 +45,7 @@ from gqa.convert.families import (
 )
 from gqa.convert.aligned import aligned_merge, split_qkvo
 from gqa.convert.grouping import head_distances, permute_heads, similarity_groups
-from gqa.convert.heads import METHODS, contiguous_groups, merge_heads, merge_stacked_rows, role_of
+from gqa.convert.heads import METHODS, contiguous_groups, merge_per_head, merge_stacked_rows, role_of
 from gqa.convert.kvcache import kv_cache_bytes_per_token
 from gqa.convert.writer import ShardedSafetensorsWriter, TensorSpec
 
@@ -92,7 +92,7 @@ class ConversionResult:
     tensors_written: int
     bytes_written: int
     seconds: float
-    passed_through_unknown: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # tensors the model does not define, not written
 
 
 def parse_size(text: str | int) -> int:
@@ -197,7 +197,8 @@ def meta_state_shapes(config) -> tuple[dict[str, tuple[int, ...]], dict[str, str
 
 def _check_tensors(index: CheckpointIndex, expected: dict[str, tuple[int, ...]], tied_to: dict[str, str]) -> list[str]:
     """Refuse a checkpoint that lacks a tensor the model needs or has one of the wrong shape.
-    Returns names the model does not know (they are copied through unchanged)."""
+    Returns the names the model does not know: transformers ignores them on load (older checkpoints
+    store each layer's rotary `inv_freq`, which the model computes itself), so they are not written."""
     for name, shape in expected.items():
         if name not in index:
             partner = tied_to.get(name) or next((k for k, v in tied_to.items() if v == name), None)
@@ -237,7 +238,8 @@ def build_plan(
 ) -> list[TensorSpec | AttentionUnit]:
     """The ordered work list: passthrough tensors and per-layer attention units, in source file
     order so reads move front to back through each shard. Output names and shapes come from the
-    converted config's model (built on the meta device), so every shard header is known up front."""
+    converted config's model (built on the meta device), so every shard header is known up front.
+    Tensors the model does not define (`in_shapes` lacks them) are left out of the output."""
 
     def out_dtype(dtype: torch.dtype) -> torch.dtype:
         return cast if cast is not None and dtype.is_floating_point else dtype
@@ -248,7 +250,8 @@ def build_plan(
         info = index.tensors[name]
         layer = _layer_of(name)
         if layer is None:
-            plan.append(TensorSpec(name, out_dtype(info.dtype), info.shape))
+            if name in in_shapes:
+                plan.append(TensorSpec(name, out_dtype(info.dtype), info.shape))
             continue
         if layer not in units:
             units[layer] = AttentionUnit(layer, [])
@@ -257,9 +260,7 @@ def build_plan(
         unit.inputs.append(name)
         if name in out_shapes:
             unit.outputs.append(TensorSpec(name, out_dtype(info.dtype), out_shapes[name]))
-        elif name not in in_shapes:  # not the model's own (an old rotary buffer, say): copied as is
-            unit.outputs.append(TensorSpec(name, out_dtype(info.dtype), info.shape))
-        # else: a per-head tensor of a head that merging removes
+        # else: a per-head tensor of a head that merging removes, or one the model does not define
     return plan
 
 
@@ -300,11 +301,7 @@ def merge_attention_unit(
                 ]
             )
     for pattern in family.kv_per_head:
-        stacked = [tensors[pattern.format(j=j)] for j in range(kv) if pattern.format(j=j) in tensors]
-        if len(stacked) == kv:
-            new_heads = merge_heads(torch.stack(stacked), groups, method, role_of(pattern), generator)
-            for g, head in enumerate(new_heads):
-                merged[pattern.format(j=g)] = head
+        merge_per_head(merged, pattern, kv, groups, method, generator)
     return merged
 
 
@@ -326,9 +323,9 @@ def _convert_into(src: Source, staged: Path, options: ConvertOptions) -> Convers
     check_target(geometry, options.kv_heads, allow_same=options.allow_same)
     index = CheckpointIndex(src.path)
     in_shapes, tied_to = meta_state_shapes(config)
-    unknown = _check_tensors(index, in_shapes, tied_to)
-    if unknown:
-        log.warning("copying %d tensors the model does not define, unchanged: %s", len(unknown), unknown[:5])
+    dropped = _check_tensors(index, in_shapes, tied_to)
+    if dropped:
+        log.warning("leaving out %d tensors the model does not define: %s", len(dropped), dropped[:5])
 
     out_config = copy.deepcopy(config)
     out_config.num_key_value_heads = options.kv_heads
@@ -376,7 +373,7 @@ def _convert_into(src: Source, staged: Path, options: ConvertOptions) -> Convers
     _copy_side_files(src.path, staged, options.copy_tokenizer)
     source_dtype = next((t.dtype for t in index.tensors.values() if t.dtype.is_floating_point), torch.float32)
     groups = [groups_per_layer[layer] for layer in sorted(groups_per_layer)]
-    write_provenance(staged, _provenance(src, config, index, options, geometry, groups))
+    write_provenance(staged, _provenance(src, config, index, options, geometry, groups, dropped))
     write_model_card(staged)
     return ConversionResult(
         out_dir=staged,
@@ -389,7 +386,7 @@ def _convert_into(src: Source, staged: Path, options: ConvertOptions) -> Convers
         tensors_written=len(specs),
         bytes_written=writer.bytes_written,
         seconds=0.0,
-        passed_through_unknown=unknown,
+        dropped=dropped,
     )
 
 
@@ -485,7 +482,9 @@ def _copy_side_files(src: Path, staged: Path, copy_tokenizer: bool) -> None:
         shutil.copy2(path, staged / path.name)
 
 
-def _provenance(src: Source, config, index: CheckpointIndex, options: ConvertOptions, geometry, groups) -> dict:
+def _provenance(
+    src: Source, config, index: CheckpointIndex, options: ConvertOptions, geometry, groups, dropped: list[str]
+) -> dict:
     return {
         "gqa_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -499,6 +498,7 @@ def _provenance(src: Source, config, index: CheckpointIndex, options: ConvertOpt
             "head_dim": geometry.head_dim,
             "files": [{"name": f.name, "bytes": f.stat().st_size} for f in index.files],
             "tensors": len(index.tensors),
+            "dropped_tensors": dropped,
         },
         "conversion": {
             "method": options.method,

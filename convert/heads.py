@@ -1,8 +1,9 @@
 """Merging key/value heads within groups: the paper's methods.
 
 Tensors arrive with heads stacked on the first dimension, shape [heads, ...]. A grouping is a list
-of G lists of head indices; each group becomes one head. Arithmetic is done in float32 and cast
-back, so bf16 checkpoints do not lose precision to bf16 accumulation.
+of G lists of head indices; each group becomes one head. Merged tensors come out in float32 whatever
+the source's dtype: the writer casts them once, to the output dtype, so neither bf16 accumulation
+nor a round trip through the source's dtype costs precision.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def merge_heads(
     if method == "mean":
         merged = grouped.mean(1, dtype=torch.float32)  # one reduction over a view, no float32 copy
     elif method == "first":
-        merged = grouped[:, 0]
+        merged = grouped[:, 0].float()
     elif method == "random":
         if role == "weight":
             std = stacked.float().std().item()
@@ -60,7 +61,7 @@ def merge_heads(
             merged = grouped.mean(1, dtype=torch.float32)
     else:
         raise GQAError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}.")
-    return merged.to(stacked.dtype)
+    return merged
 
 
 def merge_stacked_rows(
@@ -70,6 +71,21 @@ def merge_stacked_rows(
     per_head = tensor.reshape(kv_heads, tensor.shape[0] // kv_heads, *tensor.shape[1:])
     merged = merge_heads(per_head, groups, method, role, generator)
     return merged.reshape(len(groups) * per_head.shape[1], *tensor.shape[1:])
+
+
+def merge_per_head(
+    tensors: dict[str, torch.Tensor], pattern: str, kv_heads: int, groups: list[list[int]], method: str, generator=None
+) -> dict[str, torch.Tensor]:
+    """Merge tensors stored one per KV head (`pattern` names head j as {j}, like StableLM's per-head
+    k LayerNorm) in place: the G merged heads replace heads 0..G-1, and the other heads' entries go.
+    Nothing happens when the model has no such tensors (StableLM without q/k LayerNorm)."""
+    names = [pattern.format(j=j) for j in range(kv_heads)]
+    if not all(name in tensors for name in names):
+        return tensors
+    stacked = torch.stack([tensors.pop(name) for name in names])
+    for g, head in enumerate(merge_heads(stacked, groups, method, role_of(pattern), generator)):
+        tensors[pattern.format(j=g)] = head
+    return tensors
 
 
 def role_of(name: str) -> str:

@@ -9,6 +9,7 @@ from tiny import (
     FAMILY_TYPES,
     build_family_model,
     expand_kv_heads,
+    load_tensors,
     logits_of,
     save_char_tokenizer,
     save_model,
@@ -260,12 +261,49 @@ def _llama_state():
 def test_calibration_longer_than_the_context_is_cut_to_it(tmp_path, calibration_file, caplog):
     model = build_family_model("llama", kv=4, seed=17)  # max_position_embeddings 256
     src = write_source(model, tmp_path / "src", calibration_file)
-    options = ConvertOptions(kv_heads=2, method="aligned", calibration=str(calibration_file), calibration_sequences=2,
-                             calibration_length=1000)  # fmt: skip
-    with caplog.at_level("WARNING", logger="gqa.convert.convert"):
-        out = convert(str(src), tmp_path / "out", options).out_dir
+    outs = {}
+    for length in (1000, 256):
+        options = ConvertOptions(kv_heads=2, method="aligned", calibration=str(calibration_file), calibration_sequences=2,
+                                 calibration_length=length)  # fmt: skip
+        with caplog.at_level("WARNING", logger="gqa.convert.convert"):
+            outs[length] = load_tensors(convert(str(src), tmp_path / f"out-{length}", options).out_dir)
     assert "--calibration-length 1000 is longer than the model's context; using 256" in caplog.text
-    assert torch.isfinite(logits_of(out)).all()
+    # The cut conversion is the one calibrated on 256-token sequences, bit for bit.
+    assert outs[1000].keys() == outs[256].keys()
+    for name, tensor in outs[256].items():
+        assert torch.equal(outs[1000][name], tensor), name
+
+
+@pytest.mark.parametrize("lr", [0.3, 1e3])  # worse but finite; diverged to NaN
+def test_refinement_that_does_not_help_is_put_back(lr, tmp_path, calibration_file):
+    """Refinement at an absurd learning rate makes every layer worse: its weights must be put back,
+    leaving exactly the unrefined conversion."""
+    model = build_family_model("llama", kv=4, seed=15)
+    src = write_source(model, tmp_path / "src", calibration_file)
+    plain = convert(str(src), tmp_path / "plain", aligned_options(1, calibration_file)).out_dir
+    wild = convert(str(src), tmp_path / "wild", aligned_options(1, calibration_file, refine_steps=5, refine_lr=lr)).out_dir
+    before, after = (load_tensors(out) for out in (plain, wild))
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), name
+
+
+def test_each_layer_calibrates_under_its_own_attention_mask(tmp_path, calibration_file):
+    """Layer 1 of this Qwen2 model attends through a 4-token sliding window, layer 0 to everything.
+    Against the same weights with full attention in both layers, layer 0 converts the same and
+    layer 1's refitted o_proj, fitted to what the layer's own attention outputs, does not."""
+    converted = {}
+    for name, overrides in (("full", {}), ("sliding", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1))):
+        model = build_family_model("qwen2", kv=4, seed=19, **overrides)
+        assert model.config.layer_types == (["full_attention"] * 2 if name == "full" else ["full_attention", "sliding_attention"])
+        src = write_source(model, tmp_path / name, calibration_file)
+        converted[name] = load_tensors(convert(str(src), tmp_path / f"out-{name}", aligned_options(1, calibration_file)).out_dir)
+    full, sliding = converted["full"], converted["sliding"]
+    for name in full:
+        if name.startswith("model.layers.0."):
+            assert torch.equal(full[name], sliding[name]), name
+    o_proj = "model.layers.1.self_attn.o_proj.weight"
+    assert (full[o_proj] - sliding[o_proj]).abs().max() > 1e-3
 
 
 def test_demo_refines_harder_only_on_a_gpu():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from tiny import FAMILY_TYPES, build_family_model, expand_kv_heads, logits_of, save_model
+from tiny import ENGLISH, FAMILY_TYPES, build_family_model, expand_kv_heads, logits_of, save_char_tokenizer, save_model
 from transformers import AutoModelForCausalLM
 
 from gqa.convert import checkpoint, writer
@@ -86,8 +86,17 @@ def test_methods_merge_as_documented(method, tmp_path):
         assert torch.equal(new_k, torch.stack([k[0], k[2]])) and torch.equal(new_kb, torch.stack([kb[0], kb[2]]))
     else:
         assert torch.equal(new_kb, torch.zeros_like(new_kb))
-        assert 0.5 < new_k.std() / k.std() < 2.0  # the source's scale, not its values
+        # Fresh draws at the source's scale (1,024 entries: the std is within a few percent) ...
+        assert 0.9 < new_k.std() / k.std() < 1.1 and new_k.mean().abs() < 0.1 * k.std()
+        # ... that owe nothing to the source's heads or their mean ...
+        mean_k = torch.stack([k[0:2].mean(0), k[2:4].mean(0)])
+        assert abs(torch.corrcoef(torch.stack([new_k.flatten(), mean_k.flatten()]))[0, 1]) < 0.2
         assert not any(torch.allclose(new_k[g], k[h]) for g in range(2) for h in range(4))
+        # ... set by --seed: the same seed draws the same heads, another seed others.
+        again = read_all_tensors(convert(str(src), tmp_path / "again", ConvertOptions(kv_heads=2, method=method, seed=3)).out_dir)
+        other = read_all_tensors(convert(str(src), tmp_path / "other", ConvertOptions(kv_heads=2, method=method, seed=4)).out_dir)
+        name = "model.layers.1.self_attn.k_proj.weight"
+        assert torch.equal(again[name], after[name]) and not torch.allclose(other[name], after[name])
     # q, o and everything outside attention pass through untouched
     for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.o_proj.weight", "lm_head.weight"):
         assert torch.equal(after[name], model.state_dict()[name])
@@ -95,6 +104,29 @@ def test_methods_merge_as_documented(method, tmp_path):
     assert provenance["conversion"]["method"] == method
     assert provenance["conversion"]["groups"][0] == [[0, 1], [2, 3]]
     assert provenance["source"]["num_key_value_heads"] == 4
+
+
+@pytest.mark.parametrize("method", ["mean", "aligned"])
+def test_a_bf16_source_is_merged_in_float32(method, tmp_path):
+    """With --dtype fp32 the merged heads are the exact float32 result, not one rounded to the
+    source's bf16 on the way."""
+    model = build_family_model("llama", kv=4, seed=20).to(torch.bfloat16)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    save_char_tokenizer(src)
+    (tmp_path / "calibration.txt").write_text(ENGLISH)
+    options = ConvertOptions(kv_heads=2, method=method, dtype="fp32", calibration=str(tmp_path / "calibration.txt"),
+                             calibration_sequences=2, calibration_length=32)  # fmt: skip
+    after = read_all_tensors(convert(str(src), tmp_path / "out", options).out_dir)
+    state = model.state_dict()
+    assert all(t.dtype == torch.float32 for t in after.values())
+    assert torch.equal(after["lm_head.weight"], state["lm_head.weight"].float())
+    new_k = after["model.layers.1.self_attn.k_proj.weight"]
+    if method == "mean":
+        k = state["model.layers.1.self_attn.k_proj.weight"].float().reshape(4, 8, 64)
+        assert torch.equal(new_k, torch.cat([k[0:2].mean(0), k[2:4].mean(0)]))
+    else:  # computed in float64: most merged values fall between two bf16 numbers
+        assert (new_k != new_k.bfloat16().float()).float().mean() > 0.5
 
 
 def test_sharded_input_and_output_round_trip(tmp_path):

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
-from gqa.train.api import run_recipe
+from gqa.train.api import load_recipe, run_recipe
+from gqa.train.dataset import prepare_data, training_order
 from train_helpers import REPO, make_model, tiny_overrides, write_texts
 
 RECIPE = REPO / "recipes" / "tiny-cpu.yaml"
@@ -34,10 +36,26 @@ def ws(tmp_path_factory):
     return root, make_model(root), train_file, eval_file
 
 
+def grad_norms(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["grad_norm"] for r in rows if "grad_norm" in r}
+
+
 def test_two_processes_match_one_process_with_the_same_global_batch(ws, tmp_path):
     root, model, train_file, eval_file = ws
+    # Unpacked documents: each process's share of a global batch predicts its own number of tokens, and
+    # every token must still weigh the same. (One launch costs seconds, so no separate packed run: full
+    # blocks come up here too, as micro batches without padding.)
     common = {"budget.steps": 3, "batch.global_sequences": 8, "batch.micro": 2, "eval.max_blocks": 24,
-              "checkpoint.every": 0, "schedule.warmup_steps": 0}
+              "checkpoint.every": 0, "schedule.warmup_steps": 0, "data.pack": "false"}
+    recipe = load_recipe(RECIPE, tiny_overrides(model, train_file, eval_file, tmp_path / "o", root / "cache", **common))
+    documents = prepare_data(recipe.data, AutoTokenizer.from_pretrained(model), model, recipe.seed).train
+    lengths = [len(ids) for ids in documents.select(training_order(len(documents), 3 * 8, recipe.seed))["input_ids"]]
+    # accelerate deals the micro batches (pairs) out in turn: rank 0 gets pairs 0 and 2 of each step, rank 1 pairs 1 and 3
+    share = [sum(lengths[i] - 1 for i in range(8) if i // 2 % 2 == rank) for rank in (0, 1)]
+    assert share[0] != share[1], share
+    assert any(lengths[i] == lengths[i + 1] == 64 for i in range(0, 24, 2)), lengths
+
     dump = tmp_path / "dump"
     dump.mkdir()
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
@@ -52,14 +70,21 @@ def test_two_processes_match_one_process_with_the_same_global_batch(ws, tmp_path
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), f"ranks differ in {name}"
 
+    # The reference: one process, each global batch in one forward pass.
     torch.set_num_threads(1)
-    one = run_recipe(RECIPE, tiny_overrides(model, train_file, eval_file, tmp_path / "one", root / "cache", **common))
-    assert one.plan.processes == 1 and one.plan.accumulation == 4
+    one = run_recipe(RECIPE, tiny_overrides(model, train_file, eval_file, tmp_path / "one", root / "cache",
+                                            **{**common, "batch.micro": 8}))
+    assert one.plan.processes == 1 and one.plan.accumulation == 1
+    assert ranks[0]["tokens_seen"] == one.tokens_seen == sum(lengths)
     two_losses = {int(k): v for k, v in ranks[0]["losses"].items()}
     assert two_losses[1] == pytest.approx(one.losses[1], abs=1e-5)
+    # The gradient itself: clipping and Adam would hide a wrongly scaled one from the losses and weights.
+    two_norms, one_norms = grad_norms(tmp_path / "two"), grad_norms(tmp_path / "one")
+    assert two_norms[1] == pytest.approx(one_norms[1], rel=1e-5)
     # Later steps too: the same data, only the order of floating-point sums differs.
     for step in (2, 3):
-        assert two_losses[step] == pytest.approx(one.losses[step], abs=1e-4)
+        assert two_losses[step] == pytest.approx(one.losses[step], abs=1e-4), step
+        assert two_norms[step] == pytest.approx(one_norms[step], rel=1e-3), step
     # Evaluation gathers every process's share: the same perplexity from one process or two.
     assert ranks[0]["final_eval"]["loss"] == pytest.approx(one.final_eval["loss"], abs=1e-4)
     assert ranks[0]["final_eval"]["tokens"] == one.final_eval["tokens"]

@@ -111,21 +111,64 @@ def test_loss_falls_and_the_trained_model_is_saved_sharded_with_provenance(ws, t
     assert json.loads((out / "gqa_run.json").read_text())["status"] == "finished"
 
 
-def test_accumulation_matches_one_big_micro_batch(ws, tmp_path):
+def logged(out: Path) -> dict[int, dict]:
+    """metrics.jsonl's training rows (logging.every=1 in the tests: one per step), by step."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+def accumulated_against_one_micro_batch(ws, tmp_path, **extra) -> float:
+    """One step of 4 sequences as 2 micro batches of 2, and as 1 of 4: the same loss, gradient and weights."""
     # Adam's first step is about lr * sign(g): where a gradient element is near eps, float32
     # summation order (two micro batches against one) moves it by up to lr. A small lr keeps that
     # rounding under the 1e-6 bar without hiding a real accumulation error (which moves every weight).
+    # Adam and clipping hide the gradient's scale from the weights: the logged grad norm shows it.
     common = {"budget.steps": 1, "batch.global_sequences": 4, "eval.max_blocks": 8, "checkpoint.every": 0,
-              "optimizer.lr": 3e-4}  # fmt: skip
+              "optimizer.lr": 3e-4, **extra}  # fmt: skip
     small = run(ws, tmp_path / "acc", **common, **{"batch.micro": 2})
     big = run(ws, tmp_path / "big", **common, **{"batch.micro": 4})
     assert small.plan.accumulation == 2 and big.plan.accumulation == 1
     assert small.losses[1] == pytest.approx(big.losses[1], abs=1e-6)
+    small_norm, big_norm = logged(tmp_path / "acc")[1]["grad_norm"], logged(tmp_path / "big")[1]["grad_norm"]
+    assert small_norm == pytest.approx(big_norm, rel=1e-5), (small_norm, big_norm)
     a, b = weights(tmp_path / "acc"), weights(tmp_path / "big")
     initial = weights(ws.model)
     for name in initial:
         assert not torch.equal(a[name], initial[name]), f"{name} did not train"
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0, msg=name)
+    return small.losses[1]
+
+
+def test_accumulation_matches_one_big_micro_batch(ws, tmp_path):
+    accumulated_against_one_micro_batch(ws, tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["lm", "distill"])
+def test_accumulation_of_padded_documents_weighs_every_predicted_token_the_same(ws, tmp_path, kind):
+    # The step's loss is its summed token losses over its predicted tokens, however the micro
+    # batches split them: averaging per-micro-batch means would weigh short documents' tokens more.
+    extra = {"data.pack": "false"} | ({"loss.kind": "distill", "model.teacher": ws.teacher} if kind == "distill" else {})
+    recipe = load_recipe(RECIPE, overrides(ws, tmp_path / "o", **extra))
+    tokenizer = AutoTokenizer.from_pretrained(ws.model)
+    documents = prepare_data(recipe.data, tokenizer, ws.model, recipe.seed).train
+    first = documents.select(training_order(len(documents), 4, recipe.seed))
+    predicted = [len(ids) - 1 for ids in first["input_ids"]]
+    # The case that tells the two apart: the step's two micro batches predict different numbers of tokens.
+    assert predicted[0] + predicted[1] != predicted[2] + predicted[3], predicted
+
+    loss = accumulated_against_one_micro_batch(ws, tmp_path, **extra)
+    # The reported loss is the mean over all the step's predicted tokens, computed here in one piece.
+    batch = make_collate(recipe.data.block_size, tokenizer.eos_token_id)(list(first))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    student = AutoModelForCausalLM.from_pretrained(ws.model)
+    with torch.no_grad():
+        if kind == "lm":
+            expected = student(**batch).loss
+        else:
+            teacher = AutoModelForCausalLM.from_pretrained(ws.teacher)
+            expected = distillation_loss(student(**inputs).logits, teacher(**inputs).logits, batch["labels"],
+                                         recipe.loss.temperature, recipe.loss.distill_weight)
+    assert loss == pytest.approx(expected.item(), abs=1e-5)
 
 
 def test_resume_after_a_checkpoint_equals_an_uninterrupted_run_exactly(ws, tmp_path):

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from gqa.convert.families import FAMILIES
+
 
 def tiny_llama_config(**overrides) -> LlamaConfig:
     config = family_config("llama", kv=8)
@@ -26,7 +28,8 @@ def save_tiny_llama(path: str | Path, seed: int = 0, **overrides) -> Path:
 
 # One tiny config per supported family, each exercising its quirk (biases, head_dim, fused qkv,
 # partial rotary, per-head and all-head norms). `kv` is the number of KV heads; 8 query heads.
-def family_config(model_type: str, kv: int):
+# `overrides` go to the config's constructor, so derived fields (Qwen2's layer_types) follow them.
+def family_config(model_type: str, kv: int, **overrides):
     import transformers as tf
 
     common = dict(  # hidden 64, 8 query heads of 8 dims, 2 layers, vocab 128
@@ -43,29 +46,30 @@ def family_config(model_type: str, kv: int):
     )
     partial = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
     factories = {
-        "llama": lambda: tf.LlamaConfig(**common, attention_bias=True),
-        "mistral": lambda: tf.MistralConfig(**common),
-        "qwen2": lambda: tf.Qwen2Config(**common),
-        "gemma": lambda: tf.GemmaConfig(**common, head_dim=16),
-        "phi3": lambda: tf.Phi3Config(**common, pad_token_id=0),
-        "stablelm": lambda: tf.StableLmConfig(**common, use_qkv_bias=True, qk_layernorm=True, rope_parameters=partial),
-        "olmo": lambda: tf.OlmoConfig(**common, pad_token_id=0),
-        "olmo2": lambda: tf.Olmo2Config(**common, pad_token_id=0),
-        "qwen3": lambda: tf.Qwen3Config(**common, head_dim=16),
-        "phi": lambda: tf.PhiConfig(**common, qk_layernorm=True, rope_parameters=partial),
+        "llama": (tf.LlamaConfig, dict(attention_bias=True)),
+        "mistral": (tf.MistralConfig, {}),
+        "qwen2": (tf.Qwen2Config, {}),
+        "gemma": (tf.GemmaConfig, dict(head_dim=16)),
+        "phi3": (tf.Phi3Config, dict(pad_token_id=0)),
+        "stablelm": (tf.StableLmConfig, dict(use_qkv_bias=True, qk_layernorm=True, rope_parameters=partial)),
+        "olmo": (tf.OlmoConfig, dict(pad_token_id=0)),
+        "olmo2": (tf.Olmo2Config, dict(pad_token_id=0)),
+        "qwen3": (tf.Qwen3Config, dict(head_dim=16)),
+        "phi": (tf.PhiConfig, dict(qk_layernorm=True, rope_parameters=partial)),
     }
-    return factories[model_type]()
+    if model_type not in factories:
+        raise KeyError(f"tests/tiny.py has no tiny config for the supported family '{model_type}': add one")
+    config_class, quirks = factories[model_type]
+    return config_class(**{**common, **quirks, **overrides})
 
 
-FAMILY_TYPES = ("llama", "mistral", "qwen2", "gemma", "phi3", "stablelm", "olmo", "olmo2", "qwen3", "phi")
+# Every family gqa supports, read from its family table: a new family joins every test by itself.
+FAMILY_TYPES = tuple(fam.model_types[0] for fam in FAMILIES)
 
 
 def build_family_model(model_type: str, kv: int, seed: int = 0, tied: bool = False, **overrides):
     torch.manual_seed(seed)
-    config = family_config(model_type, kv)
-    config.tie_word_embeddings = tied
-    for key, value in overrides.items():
-        setattr(config, key, value)
+    config = family_config(model_type, kv, tie_word_embeddings=tied, **overrides)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     # Random init leaves norms at 1 and biases at 0; perturb them so merging them is really tested.
     with torch.no_grad():
@@ -100,6 +104,8 @@ def expand_kv_heads(model, family, factor: int):
             q, k, v = state[prefix + rel].split([geometry.heads * d, kv * d, kv * d])
             state[prefix + rel] = torch.cat([q, repeat_rows(k), repeat_rows(v)])
         for pattern in family.kv_per_head:
+            if prefix + pattern.format(j=0) not in state:  # StableLM without q/k LayerNorm
+                continue
             heads = [state.pop(prefix + pattern.format(j=j)) for j in range(kv)]
             for j in range(kv * factor):
                 state[prefix + pattern.format(j=j)] = heads[j // factor].clone()
@@ -144,3 +150,13 @@ ENGLISH = (
     "weights mix the values. Grouped-query attention lets several query heads share one key and value "
     "head, so the cache that holds past keys and values while a model generates text becomes smaller. "
 ) * 40
+
+
+def load_tensors(model_dir) -> dict[str, torch.Tensor]:
+    """Every tensor in a model directory's safetensors files."""
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors

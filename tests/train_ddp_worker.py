@@ -17,5 +17,5 @@ rank = result.process_index
 weights = {name: tensor.detach().contiguous().clone() for name, tensor in result.model.state_dict().items()}
 save_file(weights, str(Path(dump_dir) / f"rank{rank}.safetensors"))
 record = {"losses": result.losses, "processes": result.plan.processes, "accumulation": result.plan.accumulation,
-          "final_eval": result.final_eval}
+          "final_eval": result.final_eval, "tokens_seen": result.tokens_seen}
 (Path(dump_dir) / f"rank{rank}.json").write_text(json.dumps(record))

@@ -4,9 +4,10 @@ recipe -> checks (paths, output dir, plan) -> data (tokenised once, cached) -> m
 -> Accelerator.prepare -> steps (accumulate, clip, step, schedule, log, eval, checkpoint)
 -> final eval -> save_pretrained from accelerator.get_state_dict -> provenance and model card.
 
-The data order is fixed by the seed alone (see dataset.training_order) and every optimizer step sees
-a full global batch of equal-length blocks, so one process with accumulation, many processes, and
-an interrupted-then-resumed run all compute the same steps.
+The data order is fixed by the seed alone (see dataset.training_order), every optimizer step sees
+a full global batch, and its loss is the sum of its token losses over its number of predicted
+tokens however it is split, so one process with accumulation, many processes, and an
+interrupted-then-resumed run all compute the same steps, padded documents included.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from gqa.convert import __version__
 from gqa.convert.errors import GQAError
 from gqa.train import rundir
 from gqa.train.dataset import PreparedData, make_collate, prepare_data, training_order
-from gqa.train.losses import distillation_loss, sequence_token_losses
+from gqa.train.losses import IGNORE_INDEX, distillation_loss, sequence_token_losses
 from gqa.train.params import select_trainable
 from gqa.train.plan import TrainingPlan, plan_training
 from gqa.train.provenance import load_provenance, now, write_card, write_provenance
@@ -50,7 +51,7 @@ class TrainResult:
     steps: int  # optimizer steps done, counting those before a resume
     tokens_seen: int
     plan: TrainingPlan
-    losses: dict[int, float]  # step -> training loss (global batch mean), for the steps this call ran
+    losses: dict[int, float]  # step -> training loss (global batch's token mean), for the steps this call ran
     evals: list[dict[str, float]]  # every evaluation this call ran: step, loss, perplexity, tokens
     final_eval: dict[str, float] | None
     train_seconds: float  # time in training steps this call (evaluation and checkpoints excluded)
@@ -89,7 +90,9 @@ def train(recipe: Recipe, recipe_file: str | None = None) -> TrainResult:
         cpu=use_cpu,
         mixed_precision=MIXED_PRECISION[recipe.precision],
         # A plugin, not gradient_accumulation_steps=: that argument yields to an accelerate config's value.
-        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=plan.accumulation),
+        # The loop reads each step's batches before its backward passes, so the loader reports its end before
+        # the last step's first backward pass: sync by count alone (the plan makes every step full).
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=plan.accumulation, sync_with_dataloader=False),
         # Steps are counted in optimizer steps of the global batch: step the schedule ourselves, once.
         step_scheduler_with_optimizer=False,
         log_with=recipe.logging.trackers or None,
@@ -227,41 +230,43 @@ class _Run:
         window = _Window()
         train_seconds = train_cpu_seconds = 0.0
         device = accelerator.device
-        step_loss = torch.zeros((), device=device, dtype=torch.float64)
-        step_tokens = torch.zeros((), device=device, dtype=torch.float64)
         max_norm = recipe.optimizer.max_grad_norm or math.inf
         bar = tqdm(total=plan.steps, initial=start_step, desc="uptraining", unit="step", disable=not accelerator.is_main_process)
         self.model.train()
         if start_step >= stop_at:
             loader = []  # resumed at (or past) where this invocation should stop
         tick, cpu_tick = time.perf_counter(), time.process_time()
-        for batch in loader:
-            with accelerator.accumulate(self.model):
-                loss = self._loss(batch)
-                accelerator.backward(loss)
-                step_loss += loss.detach()
-                step_tokens += batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
-                if accelerator.sync_gradients:
-                    # One collective per step: the global mean loss and the tokens of the global batch.
-                    totals = accelerator.reduce(torch.stack([step_loss / plan.accumulation, step_tokens]), reduction="sum")
-                    loss_value = totals[0].item() / plan.processes
-                    if not math.isfinite(loss_value):
-                        self._fail_non_finite("training loss", loss_value)
-                    grad_norm = accelerator.clip_grad_norm_(self.trainable, max_norm)
-                    if grad_norm is not None and recipe.precision != "fp16" and not math.isfinite(grad_norm.item()):
-                        # (fp16's loss scaler skips such steps by itself)
-                        self._fail_non_finite("gradient norm", grad_norm.item())
-                    self.optimizer.step()
-                    if not accelerator.optimizer_step_was_skipped:  # fp16 overflow skips a step; so does the schedule
-                        self.scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    step_loss.zero_()
-            if not accelerator.sync_gradients:
-                continue
+        # accelerate's backward (or DeepSpeed's engine) divides each loss by the accumulation steps, and
+        # DDP, FSDP and ZeRO average gradients over processes; each micro batch's loss is already its share of
+        # the global batch's loss, so undo both.
+        undo_averaging = plan.accumulation * plan.processes
+        for micro_batches in _steps(loader, plan.accumulation):
+            # Every micro batch's summed token loss is divided by the predicted tokens of the whole global batch
+            # (all micro batches, all processes), so that count is needed before the first backward pass. One
+            # collective for it and the tokens read (padding not counted); a second one for the loss after.
+            counts = sum(torch.stack([_predicted_tokens(batch), _read_tokens(batch)]) for batch in micro_batches)
+            predicted, tokens = accelerator.reduce(counts, reduction="sum").tolist()
+            step_loss = torch.zeros((), device=device, dtype=torch.float64)
+            for i, batch in enumerate(micro_batches, 1):
+                with accelerator.accumulate(self.model):
+                    # Only the step's last backward pass may sync gradients (and, under DeepSpeed, step).
+                    assert accelerator.sync_gradients == (i == plan.accumulation), "accelerate syncs out of step"
+                    loss = self._loss(batch, predicted)
+                    accelerator.backward(loss * undo_averaging)
+                    step_loss += loss.detach()
+            loss_value = accelerator.reduce(step_loss, reduction="sum").item()  # the global batch's token mean
+            if not math.isfinite(loss_value):
+                self._fail_non_finite("training loss", loss_value)
+            grad_norm = accelerator.clip_grad_norm_(self.trainable, max_norm)
+            if grad_norm is not None and recipe.precision != "fp16" and not math.isfinite(grad_norm.item()):
+                # (fp16's loss scaler skips such steps by itself)
+                self._fail_non_finite("gradient norm", grad_norm.item())
+            self.optimizer.step()
+            if not accelerator.optimizer_step_was_skipped:  # fp16 overflow skips a step; so does the schedule
+                self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
             self.progress.step += 1
             step = self.progress.step
-            tokens = int(totals[1].item())
-            step_tokens.zero_()
             self.progress.tokens_seen += tokens
             losses[step] = loss_value
             now_ = time.perf_counter()
@@ -310,15 +315,18 @@ class _Run:
             process_index=accelerator.process_index,
         )
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _loss(self, batch: dict[str, torch.Tensor], predicted: int) -> torch.Tensor:
+        """This micro batch's summed token losses over the global batch's `predicted` tokens."""
         if self.teacher is None:
-            return self.model(**batch).loss
+            return self.model(**batch, num_items_in_batch=predicted).loss
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         student_logits = self.model(**inputs).logits
         with torch.no_grad(), self.accelerator.autocast():
             teacher_logits = self.teacher(**inputs).logits
         loss = self.recipe.loss
-        return distillation_loss(student_logits, teacher_logits, batch["labels"], loss.temperature, loss.distill_weight)
+        return distillation_loss(
+            student_logits, teacher_logits, batch["labels"], loss.temperature, loss.distill_weight, num_items=predicted
+        )
 
     def _fail_non_finite(self, what: str, value: float | str, changed: bool = False) -> None:
         """Stop every process with one message; the checkpoints on disk all hold finite weights."""
@@ -478,6 +486,26 @@ class _Window:
 
 
 # --- helpers --------------------------------------------------------------------------------------
+
+
+def _steps(loader, accumulation: int):
+    """The loader's batches in lists of `accumulation`: each optimizer step's micro batches (the plan fills them)."""
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) == accumulation:
+            yield batches
+            batches = []
+
+
+def _predicted_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Positions whose next token has a label: what the loss averages over."""
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+
+def _read_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    mask = batch.get("attention_mask")
+    return mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)
 
 
 def _check_paths(recipe: Recipe) -> None:

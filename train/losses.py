@@ -7,6 +7,10 @@ Distillation (documented in the recipe as loss.kind: distill):
 with the KL summed over the vocabulary and averaged over the predicted tokens (those whose label
 is not -100), w = loss.distill_weight and T = loss.temperature. The T^2 keeps the soft-target
 gradients on the same scale as the LM gradients whatever the temperature (Hinton et al. 2015).
+
+In training the average is over the global batch: both terms are summed over a micro batch's
+tokens and divided by the global batch's predicted tokens (num_items), so that how the batch is
+split into micro batches and processes does not change the loss.
 """
 
 from __future__ import annotations
@@ -22,10 +26,15 @@ def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[to
     return logits[:, :-1, :].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1)
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the predicted tokens (what the HF models compute)."""
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items: int | None = None) -> torch.Tensor:
+    """Next-token cross-entropy summed over the predicted tokens, divided by num_items (None: their number).
+
+    What the HF models compute, with num_items as their num_items_in_batch.
+    """
     flat_logits, flat_labels = shift_for_next_token(logits, labels)
-    return F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=IGNORE_INDEX)
+    if num_items is None:
+        return F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=IGNORE_INDEX, reduction="sum") / num_items
 
 
 def sequence_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,22 +47,32 @@ def sequence_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[t
     return (per_token * counted).sum(dim=1), counted.sum(dim=1)
 
 
-def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(teacher_T || student_T), summed over the vocabulary, averaged over predicted tokens."""
+def distillation_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+    num_items: int | None = None,
+) -> torch.Tensor:
+    """T^2 * KL(teacher_T || student_T), summed over the vocabulary and the predicted tokens, over num_items
+    (None: the number of predicted tokens)."""
     student, flat_labels = shift_for_next_token(student_logits, labels)
     teacher, _ = shift_for_next_token(teacher_logits, labels)
     keep = flat_labels != IGNORE_INDEX
     student_logp = F.log_softmax(student[keep].float() / temperature, dim=-1)
     teacher_logp = F.log_softmax(teacher[keep].float() / temperature, dim=-1)
-    kl = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum") / keep.sum().clamp(min=1)
+    if num_items is None:
+        num_items = keep.sum().clamp(min=1)
+    kl = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum") / num_items
     return kl * temperature**2
 
 
 def distillation_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float, weight: float
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float, weight: float,
+    num_items: int | None = None,
 ) -> torch.Tensor:
-    """(1 - weight) * LM + weight * T^2 * KL(teacher || student), see the module docstring."""
-    lm = lm_loss(student_logits, labels)
+    """(1 - weight) * LM + weight * T^2 * KL(teacher || student), see the module docstring.
+
+    num_items: what the token sums are divided by (the global batch's predicted tokens); None: this batch's.
+    """
+    lm = lm_loss(student_logits, labels, num_items)
     if weight == 0:
         return lm
-    return (1 - weight) * lm + weight * distillation_kl(student_logits, teacher_logits, labels, temperature)
+    return (1 - weight) * lm + weight * distillation_kl(student_logits, teacher_logits, labels, temperature, num_items)
