@@ -35,7 +35,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gqa.convert.convert import ConvertOptions, convert
-from gqa.train.api import recipes_dir, run_recipe
+from gqa.train.api import run_recipe
 from gqa.train.corpus import corpus_documents
 from gqa.train.demo import fetch_default_model
 from gqa.train.evaluate import chunk_tokens, score_windows, token_stream
@@ -102,7 +102,7 @@ def main() -> None:
         if distill:
             overrides += [f"model.teacher={source}", "loss.kind=distill", "loss.distill_weight=1.0", "loss.temperature=1.0"]
         started = time.perf_counter()
-        result = run_recipe(recipes_dir() / "smollm2-135m-mqa.yaml", overrides)
+        result = run_recipe("smollm2-135m-mqa", overrides)
         record(f"{run} + uptraining", Path(result.output_dir), time.perf_counter() - started, result.steps)
 
     print(f"\nheld-out: {len(windows)} windows x {args.seq_len} tokens of stdlib-docs:heldout")

@@ -18,7 +18,8 @@ from gqa.convert.errors import GQAError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("gqa.convert.commands", "convert a checkpoint to fewer KV heads"),
     "inspect": ("gqa.convert.commands", "show heads, KV heads, legal --kv-heads and KV-cache sizes"),
-    "train": ("gqa.train.cli", "uptrain a converted checkpoint from a recipe YAML"),
+    "train": ("gqa.train.cli", "uptrain a converted checkpoint from a recipe (a YAML file or a shipped recipe's name)"),
+    "recipes": ("gqa.train.cli", "list the shipped recipes, or copy one out to edit (gqa recipes cp NAME)"),
     "eval": ("gqa.train.evaluate", "perplexity, agreement, KV-cache and decode speed against a baseline"),
     "publish": ("gqa.convert.publish", "check a model directory and upload it to the Hugging Face hub"),
     "demo": ("gqa.train.demo", "the whole pipeline on the embedded default (SmolLM2-135M)"),

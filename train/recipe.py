@@ -1,6 +1,6 @@
 """The uptraining recipe: a YAML file, validated into one frozen object before anything heavy starts.
 
-Every key, its type and its default is listed in `recipes/tiny-cpu.yaml`; the classes below are the
+Every key, its type and its default is listed in the `tiny-cpu` recipe; the classes below are the
 source of truth. Unknown keys and wrong types are errors that name the key. `key=value` overrides
 (dotted paths, values parsed as YAML) are merged in before validation.
 """
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 import re
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gqa.convert.errors import GQAError
+
+SHIPPED_PACKAGE = "gqa.recipes"
 
 
 class _Section(BaseModel):
@@ -200,11 +204,46 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return merged
 
 
+def shipped_recipes() -> dict[str, Traversable]:
+    """The recipes and accelerate configs installed with gqa, by name: `smollm2-135m-mqa`,
+    `accelerate/fsdp`, ... (the package `gqa.recipes` is the repository's recipes/ folder)."""
+    root = resources.files(SHIPPED_PACKAGE)
+    found = {}
+    for folder, prefix in ((root, ""), (root / "accelerate", "accelerate/")):
+        if folder.is_dir():
+            found.update({prefix + f.name.removesuffix(".yaml"): f for f in folder.iterdir() if f.name.endswith(".yaml")})
+    return dict(sorted(found.items()))
+
+
+def recipe_description(recipe: Traversable) -> str:
+    """The first sentence of a recipe's header comment."""
+    header = []
+    for line in recipe.read_text().splitlines():
+        if not line.startswith("#") or not line.strip("# "):
+            break
+        header.append(line.lstrip("# ").strip())
+    return re.split(r"(?<=\.)\s|:\s", " ".join(header), maxsplit=1)[0]
+
+
+def resolve_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file: the path itself when it exists, else the shipped recipe of that name."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    name = str(name_or_path).removesuffix(".yaml")
+    if name in shipped:
+        with resources.as_file(shipped[name]) as file:  # a real file for an installed wheel's data
+            return Path(file)
+    names = ", ".join(n for n in shipped if not n.startswith("accelerate/"))
+    raise GQAError(f"recipe {name_or_path} not found: it is no file, nor one of the shipped recipes ({names}); "
+                   "`gqa recipes` lists them")
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, merge overrides into and validate a recipe; every error names the offending key."""
-    path = Path(path)
-    if not path.is_file():
-        raise GQAError(f"recipe {path} not found; pass a recipe YAML such as recipes/tiny-cpu.yaml")
+    """Read, merge overrides into and validate a recipe (a YAML file, or the name of a shipped
+    recipe); every error names the offending key."""
+    path = resolve_recipe(path)
     try:
         raw = yaml.load(path.read_text(), Loader=_RecipeLoader)
     except yaml.YAMLError as err:
