@@ -373,7 +373,7 @@ def print_report(result: dict) -> None:
 
 def default_convert_template() -> str:
     gqa = Path(sys.executable).parent / "gqa"
-    exe = shlex.quote(str(gqa)) if gqa.exists() else f"{shlex.quote(sys.executable)} -m gqa.convert.cli"
+    exe = shlex.quote(str(gqa)) if gqa.exists() else f"{shlex.quote(sys.executable)} -m gqa.train.cli"
     return exe + " convert {source} {out} --kv-heads {kv_heads}"
 
 

@@ -2,7 +2,7 @@
 
 SmolLM2-135M-Instruct (the embedded default), 3 KV heads -> 1. Perplexity on held-out real text
 that neither calibration nor training sees: docstrings of the standard-library packages in
-gqa.train.corpus.HELDOUT_PACKAGES (calibration uses a few other modules, training the rest).
+gqa.convert.corpus.HELDOUT_PACKAGES (calibration uses a few other modules, training the rest).
 
     .venv/bin/python bench/bench_merge_quality.py                       # 0 steps, every method
     .venv/bin/python bench/bench_merge_quality.py --train mean aligned aligned+distill
@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gqa.convert.convert import ConvertOptions, convert
 from gqa.train.api import run_recipe
-from gqa.train.corpus import corpus_documents
+from gqa.convert.corpus import corpus_documents
 from gqa.train.demo import fetch_default_model
 from gqa.train.evaluate import chunk_tokens, score_windows, token_stream
 

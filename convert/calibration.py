@@ -49,7 +49,7 @@ RIDGE = 1e-4  # relative ridge for the o_proj refit: keeps it stable when heads 
 
 
 def default_calibration_text() -> str:
-    from gqa.train.corpus import HELDOUT_PACKAGES, module_docstrings
+    from gqa.convert.corpus import HELDOUT_PACKAGES, module_docstrings
 
     assert not set(DEFAULT_CALIBRATION_MODULES) & set(HELDOUT_PACKAGES)
     return "\n\n".join(doc for name in DEFAULT_CALIBRATION_MODULES for doc in module_docstrings(name))

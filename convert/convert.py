@@ -392,7 +392,7 @@ def _convert_into(src: Source, staged: Path, options: ConvertOptions) -> Convers
 
 def _aligned_pass(src: Source, index, config, out_config, family, geometry, options: ConvertOptions, staged: Path):
     from gqa.convert.calibration import calibration_tokens, default_calibration_text, layerwise_aligned_merge
-    from gqa.train import corpus
+    from gqa.convert import corpus
 
     name, _, split = (options.calibration or "").partition(":")
     if name == corpus.NAME:  # the recipes' corpus, as `stdlib-docs:train`

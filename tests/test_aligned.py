@@ -201,7 +201,7 @@ def test_refinement_brings_a_lossy_merge_closer_to_the_source(tmp_path, calibrat
     ],
 )
 def test_refinement_flags_are_checked(flags, message, tmp_path, capsys):
-    from gqa.convert.cli import main
+    from gqa.train.cli import main
 
     src = save_model(*_llama_state(), tmp_path / "src")
     assert main(["convert", str(src), str(tmp_path / "out"), "--kv-heads", "1", *flags]) == 2
@@ -211,7 +211,7 @@ def test_refinement_flags_are_checked(flags, message, tmp_path, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
 def test_cuda_device_without_a_gpu_is_refused(tmp_path, capsys):
-    from gqa.convert.cli import main
+    from gqa.train.cli import main
 
     src = save_model(*_llama_state(), tmp_path / "src")
     assert main(["convert", str(src), str(tmp_path / "out"), "--kv-heads", "1", "--method", "aligned", "--device", "cuda"]) == 2
@@ -236,7 +236,7 @@ def test_calibration_on_the_gpu_matches_the_cpu(tmp_path, calibration_file):
 def test_calibration_can_name_the_training_corpus(tmp_path):
     from safetensors.torch import load_file
 
-    from gqa.train.corpus import corpus_text
+    from gqa.convert.corpus import corpus_text
 
     model = build_family_model("llama", kv=4, seed=18)
     src = save_model(model.config, model.state_dict(), tmp_path / "src")

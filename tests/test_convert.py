@@ -245,7 +245,7 @@ def test_inspect_reports_geometry_and_kv_cache(tmp_path, capsys):
     import subprocess
     import sys
 
-    from gqa.convert.cli import main
+    from gqa.train.cli import main
 
     model = build_family_model("olmo2", kv=4)
     src = save_model(model.config, model.state_dict(), tmp_path / "src")

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from tiny import build_family_model, save_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from gqa.convert.cli import main
+from gqa.train.cli import main
 
 
 @pytest.fixture
@@ -156,7 +156,7 @@ def test_killed_mid_write_leaves_no_out(tmp_path):
     )  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(tmp_path / "src")  # about 200 MB in fp32
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "gqa.convert.cli", "convert", str(tmp_path / "src"), str(out), "--kv-heads", "2"]
+    cmd = [sys.executable, "-m", "gqa.train.cli", "convert", str(tmp_path / "src"), str(out), "--kv-heads", "2"]
     cmd += ["--shard-size", "20MB"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

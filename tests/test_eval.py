@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from gqa.convert.card import read_provenance, write_model_card, write_provenance
-from gqa.convert.cli import main
+from gqa.train.cli import main
 from gqa.convert.errors import GQAError
 from gqa.train.evaluate import _PeakMemory, chunk_tokens, evaluate, peak_of_running_sum
 from tiny import save_tiny_llama

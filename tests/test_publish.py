@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import gqa.convert.publish as publish_module
 from gqa.convert.card import GQA_CITATION, split_front_matter, write_model_card, write_provenance
-from gqa.convert.cli import main
+from gqa.train.cli import main
 from gqa.convert.errors import GQAError
 from gqa.convert.publish import publish
 from tiny import save_tiny_llama

@@ -10,7 +10,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from gqa.convert.errors import GQAError
-from gqa.train import corpus, dataset
+from gqa.convert import corpus
+from gqa.train import dataset
 from gqa.train.dataset import prepare_data, training_order
 from gqa.train.recipe import DataSection
 from train_helpers import TRAIN_MODULES, docs_text, make_model

@@ -8,7 +8,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from gqa.train.corpus import module_docstrings
+from gqa.convert.corpus import module_docstrings
 from tiny import save_tiny_llama
 
 # Real English technical text, small enough to tokenise in a blink: a few modules' docstrings.

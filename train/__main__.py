@@ -2,6 +2,6 @@
 
 import sys
 
-from gqa.train.cli import main
+from gqa.train.commands import main
 
 sys.exit(main())

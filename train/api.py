@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gqa.train.corpus import write_corpus
+from gqa.convert.corpus import write_corpus
 from gqa.train.loop import TrainResult, train
 from gqa.train.recipe import Recipe, load_recipe, resolve_recipe, shipped_recipes
 

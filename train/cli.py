@@ -1,96 +1,74 @@
-"""`gqa train RECIPE [key=value ...]` (also `python -m gqa.train` under any launcher), and
-`gqa recipes [cp NAME DEST]`, which lists the shipped recipes or copies one out to edit."""
+"""The `gqa` console script: the one command table, one subcommand per job.
+
+It sits on the top floor (gqa.train), the only place that may name both floors' commands. Each
+subcommand lives in its own module that exposes `add_arguments(parser, name)` and `run(args)`;
+modules are imported only when their subcommand runs, so `gqa --help` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
-import os
 import sys
-from pathlib import Path
 
+from gqa.convert import __version__
 from gqa.convert.errors import GQAError
 
-
-def add_arguments(parser: argparse.ArgumentParser, name: str = "train") -> None:
-    if name == "recipes":
-        actions = parser.add_subparsers(dest="action", metavar="ACTION")
-        actions.add_parser("ls", help="list the shipped recipes and accelerate configs (the default)")
-        copy = actions.add_parser("cp", help="copy a shipped recipe or accelerate config out, to edit it")
-        copy.add_argument("name", metavar="NAME", help="a name from `gqa recipes`, e.g. smollm2-135m-mqa or accelerate/fsdp")
-        copy.add_argument("dest", metavar="DEST", nargs="?", default=".", help="file or directory to write (default: .)")
-        copy.add_argument("--force", action="store_true", help="replace DEST if it exists")
-        return
-    parser.add_argument("recipe", help="recipe YAML file, or the name of a shipped recipe (see `gqa recipes`)")
-    parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE",
-        help="recipe overrides by dotted key, values read as YAML: budget.steps=200 optimizer.lr=3e-4 output.dir=runs/x",
-    )
+# subcommand -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("gqa.convert.commands", "convert a checkpoint to fewer KV heads"),
+    "inspect": ("gqa.convert.commands", "show heads, KV heads, legal --kv-heads and KV-cache sizes"),
+    "train": ("gqa.train.commands", "uptrain a converted checkpoint from a recipe (a YAML file or a shipped recipe's name)"),
+    "recipes": ("gqa.train.commands", "list the shipped recipes, or copy one out to edit (gqa recipes cp NAME)"),
+    "eval": ("gqa.train.evaluate", "perplexity, agreement, KV-cache and decode speed against a baseline"),
+    "publish": ("gqa.convert.publish", "check a model directory and upload it to the Hugging Face hub"),
+    "demo": ("gqa.train.demo", "the whole pipeline on the embedded default (SmolLM2-135M)"),
+}
 
 
-def run_recipes(args: argparse.Namespace) -> int:
-    from gqa.train.recipe import recipe_description, shipped_recipes
-
-    shipped = shipped_recipes()
-    if args.action == "cp":
-        if args.name.removesuffix(".yaml") not in shipped:
-            raise GQAError(f"no shipped recipe or config is called {args.name}; `gqa recipes` lists them")
-        name = args.name.removesuffix(".yaml")
-        dest = Path(args.dest)
-        if dest.is_dir():
-            dest = dest / f"{name.rsplit('/', 1)[-1]}.yaml"
-        if dest.exists() and not args.force:
-            raise GQAError(f"{dest} already exists; choose another DEST or pass --force to replace it")
-        dest.write_text(shipped[name].read_text())
-        if name.startswith("accelerate/"):
-            print(f"copied {name} to {dest}; use it with `accelerate launch --config_file {dest} -m gqa.train RECIPE`")
-        else:
-            print(f"copied {name} to {dest}; run it with `gqa train {dest}`")
-        return 0
-    width = max(len(name) for name in shipped)
-    print("recipes (gqa train NAME, or gqa recipes cp NAME to edit one):")
-    for name, recipe in shipped.items():
-        if not name.startswith("accelerate/"):
-            print(f"  {name:<{width}}  {recipe_description(recipe)}")
-    print("accelerate configs (gqa recipes cp NAME, then accelerate launch --config_file FILE -m gqa.train ...):")
-    for name, recipe in shipped.items():
-        if name.startswith("accelerate/"):
-            print(f"  {name:<{width}}  {recipe_description(recipe)}")
-    return 0
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gqa", description="Convert MHA checkpoints to GQA/MQA and uptrain them.")
+    parser.add_argument("--version", action="version", version=f"gqa {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    wanted = _requested_subcommand(argv)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+        # Only the subcommand being run pays for importing its module.
+        if name == wanted:
+            importlib.import_module(module).add_arguments(p, name)
+            p.set_defaults(_module=module)
+    return parser
 
 
-def run(args: argparse.Namespace) -> int:
-    if getattr(args, "command", "train") == "recipes":
-        return run_recipes(args)
-    from gqa.train.api import run_recipe  # heavy imports (torch, transformers) only when training
-
-    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file save/load lines drown the progress
-    result = run_recipe(args.recipe, args.overrides)
-    if result.process_index == 0:
-        if result.finished:
-            final = result.final_eval
-            print(
-                f"trained {result.steps} steps, {result.tokens_seen:,} tokens; eval loss {final['loss']:.4f}, "
-                f"perplexity {final['perplexity']:.3f}; model in {result.output_dir}"
-            )
-        else:
-            print(f"stopped at step {result.steps} (budget.stop_at_step); resume with the same command and budget.stop_at_step=null")
-    return 0
+def _requested_subcommand(argv: list[str] | None) -> str | None:
+    args = sys.argv[1:] if argv is None else argv
+    return next((a for a in args if not a.startswith("-")), None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point for `python -m gqa.train`, `torchrun -m gqa.train` and `accelerate launch -m gqa.train`."""
-    parser = argparse.ArgumentParser(prog="python -m gqa.train", description="Uptrain a converted checkpoint from a recipe.")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    add_arguments(parser)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
-    # Launchers start one copy per process; only the first one talks.
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.INFO if not args.debug else logging.DEBUG, format="%(message)s")
     try:
-        return run(args)
+        module = importlib.import_module(args._module)
+        return int(module.run(args) or 0)
     except GQAError as err:
         if args.debug:
             raise
-        print(f"gqa train: error: {err}", file=sys.stderr)
+        print(f"gqa {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a read-only or vanished directory: the system's own words
+        if args.debug:
+            raise
+        print(f"gqa {args.command}: error: {err} (--debug shows where)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gqa {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

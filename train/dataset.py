@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import torch
 
 from gqa.convert.errors import GQAError
-from gqa.train import corpus
+from gqa.convert import corpus
 from gqa.train.recipe import DataSection
 
 logger = logging.getLogger(__name__)

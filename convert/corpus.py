@@ -6,7 +6,7 @@ change between Python versions, so cached files are keyed by the version). Recip
 as `stdlib-docs:train` and `stdlib-docs:heldout`; `write_corpus` writes them as .txt files, one
 docstring per paragraph block, for anything else that wants plain files.
 
-    python -m gqa.train.corpus runs/corpus     # writes runs/corpus/{train,heldout}.txt
+    python -m gqa.convert.corpus runs/corpus     # writes runs/corpus/{train,heldout}.txt
 """
 
 from __future__ import annotations
@@ -146,6 +146,6 @@ def _quiet_import(name: str):
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m gqa.train.corpus OUT_DIR")
+        sys.exit("usage: python -m gqa.convert.corpus OUT_DIR")
     for split, path in write_corpus(sys.argv[1]).items():
         print(f"{split}: {path} ({path.stat().st_size / 1024:.0f} KB)")

@@ -1,0 +1,49 @@
+"""The shape of the house: imports point one way, and the command table is in one place.
+
+gqa.convert is the lower floor (model directories, families, text, conversion, publishing); gqa.train
+is the upper floor (recipes, uptraining, evaluation, the demo and the `gqa` command table). Nothing
+on the lower floor may import the upper one, not even inside a function.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FLOORS = {"convert": "gqa.convert", "train": "gqa.train"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at the top or inside a function, as absolute names."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def modules_of(folder: str) -> list[Path]:
+    return sorted((REPO / folder).glob("*.py"))
+
+
+@pytest.mark.parametrize("path", modules_of("convert"), ids=lambda p: p.name)
+def test_the_lower_floor_imports_nothing_from_the_upper_one(path):
+    upward = sorted(name for name in imported_modules(path) if name == "gqa.train" or name.startswith("gqa.train."))
+    assert not upward, f"convert/{path.name} imports {upward}: gqa.convert must not know about gqa.train"
+
+
+def test_the_command_table_is_the_only_one():
+    """One module builds the `gqa` parser and is the console script; no other module has a table."""
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert 'gqa = "gqa.train.cli:main"' in pyproject
+    tables = [p for folder in FLOORS for p in modules_of(folder) if "SUBCOMMANDS" in p.read_text()]
+    assert tables == [REPO / "train" / "cli.py"]
+    from gqa.train.cli import SUBCOMMANDS
+
+    assert set(SUBCOMMANDS) == {"convert", "inspect", "train", "recipes", "eval", "publish", "demo"}
