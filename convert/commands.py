@@ -7,7 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from gqa.convert.convert import DTYPES, GROUPINGS, ConvertOptions, convert, load_config, parse_size
+from gqa.convert.convert import convert, load_config
+from gqa.convert.options import DTYPES, GROUPINGS, ConvertOptions, parse_size
 from gqa.convert.checkpoint import resolve_source
 from gqa.convert.families import family_for, geometry_of
 from gqa.convert.heads import METHOD_HELP, METHODS

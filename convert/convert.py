@@ -47,37 +47,16 @@ from gqa.convert.aligned import aligned_merge, split_qkvo
 from gqa.convert.grouping import head_distances, permute_heads, similarity_groups
 from gqa.convert.heads import METHODS, contiguous_groups, merge_per_head, merge_stacked_rows, role_of
 from gqa.convert.kvcache import kv_cache_bytes_per_token
+from gqa.convert.options import DTYPES, GROUPINGS, ConvertOptions
 from gqa.convert.writer import ShardedSafetensorsWriter, TensorSpec
 
 log = logging.getLogger(__name__)
 
-GROUPINGS = ("contiguous", "similarity")
-DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKENIZER_FILE = re.compile(
     r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|.*\.model|chat_template.*)$"
 )
 # Files the conversion writes itself, or that describe the source's weights only.
 NOT_COPIED = {"config.json", "README.md", SAFETENSORS_INDEX, BIN_INDEX, "gqa_provenance.json"}
-
-
-@dataclass(frozen=True)
-class ConvertOptions:
-    kv_heads: int
-    method: str = "mean"
-    dtype: str = "auto"
-    shard_size: int = 5_000_000_000
-    copy_tokenizer: bool = True
-    force: bool = False
-    seed: int = 0
-    grouping: str = "contiguous"  # or "similarity"
-    calibration: str | None = None  # text file for activation-aware methods; None: the shipped default
-    calibration_sequences: int = 128
-    calibration_length: int = 512
-    refine_steps: int = 0  # aligned: Adam steps per layer on the attention-output error (0: none)
-    refine_lr: float = 1e-3
-    refine_batch: int = 4  # calibration sequences per refine step
-    device: str = "auto"  # where the calibration pass runs; auto: the GPU when torch sees one, else the CPU
-    allow_same: bool = False  # G equal to the source's KV heads: an identity conversion
 
 
 @dataclass
@@ -93,22 +72,6 @@ class ConversionResult:
     bytes_written: int
     seconds: float
     dropped: list[str] = field(default_factory=list)  # tensors the model does not define, not written
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB' (10^9), '500MB', '2GiB' (2^30) or a plain number of bytes."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise GQAError(f"cannot read '{text}' as a size in bytes; write e.g. 5GB, 500MB or 2GiB.")
-    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-    scale.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
-    size = int(number * scale[unit])
-    if size <= 0:
-        raise GQAError(f"size '{text}' must be positive.")
-    return size
 
 
 def check_output_location(source: str, out: Path, force: bool) -> None:

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from gqa.convert import checkpoint, writer
 from gqa.convert.card import read_provenance
-from gqa.convert.convert import ConvertOptions, convert, parse_size
+from gqa.convert.convert import ConvertOptions, convert
+from gqa.convert.options import parse_size
 from gqa.convert.families import family_for
 
 
