@@ -36,9 +36,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gqa.convert.convert import ConvertOptions, convert
 from gqa.train.api import run_recipe
-from gqa.convert.corpus import corpus_documents
+from gqa.convert.corpus import corpus_text
+from gqa.convert.text import chunk_tokens, leading_bos, text_documents, token_stream
 from gqa.train.demo import fetch_default_model
-from gqa.train.evaluate import chunk_tokens, score_windows, token_stream
+from gqa.train.evaluate import score_windows
+
+
+# The converter's own defaults (ConvertOptions is a pydantic model: defaults live on its fields).
+DEFAULTS = {name: field.default for name, field in ConvertOptions.model_fields.items()}
 
 
 def perplexity(model_dir: Path, windows: list[list[int]]) -> float:
@@ -54,12 +59,12 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=32, help="held-out windows of --seq-len tokens")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--refine-steps", type=int, default=400, help="--refine-steps of the 'refined' method")
-    parser.add_argument("--refine-lr", type=float, default=ConvertOptions.refine_lr, help="--refine-lr of 'refined'")
-    parser.add_argument("--calibration-sequences", type=int, default=ConvertOptions.calibration_sequences,
+    parser.add_argument("--refine-lr", type=float, default=DEFAULTS["refine_lr"], help="--refine-lr of 'refined'")
+    parser.add_argument("--calibration-sequences", type=int, default=DEFAULTS["calibration_sequences"],
                         help="--calibration-sequences of 'aligned' and 'refined' (default: the converter's)")
-    parser.add_argument("--calibration-length", type=int, default=ConvertOptions.calibration_length,
+    parser.add_argument("--calibration-length", type=int, default=DEFAULTS["calibration_length"],
                         help="--calibration-length of 'aligned' and 'refined' (default: the converter's)")
-    parser.add_argument("--refine-batch", type=int, default=ConvertOptions.refine_batch, help="--refine-batch of 'refined'")
+    parser.add_argument("--refine-batch", type=int, default=DEFAULTS["refine_batch"], help="--refine-batch of 'refined'")
     parser.add_argument("--calibration", default=None,
                         help="--calibration of 'aligned' and 'refined': a text file or stdlib-docs:train (default: the converter's)")
     parser.add_argument("--work", default="runs/bench-quality")
@@ -69,8 +74,10 @@ def main() -> None:
     source = fetch_default_model()
     work = Path(args.work)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    stream = token_stream(tokenizer, corpus_documents("heldout"), max_tokens=args.windows * args.seq_len)
-    windows = chunk_tokens(stream, args.seq_len)[: args.windows]
+    # The held-out split as training and `gqa eval` read its file: paragraphs, EOS after each.
+    documents = text_documents(corpus_text("heldout"))
+    stream = token_stream(tokenizer, documents, max_tokens=args.windows * args.seq_len)
+    windows = chunk_tokens(stream, args.seq_len, leading_bos(tokenizer))[: args.windows]
     rows = []
 
     def record(name: str, model_dir: Path, seconds: float, steps: int = 0) -> None:

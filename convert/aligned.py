@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from gqa.convert.families import Family, Geometry
-from gqa.convert.heads import merge_per_head, merge_stacked_rows, role_of
+from gqa.convert.heads import merge_per_head, merge_stacked_rows
 
 EPS = 1e-10
 
@@ -95,11 +95,6 @@ def _queries_of(kv_head: int, geometry: Geometry) -> range:
     return range(kv_head * per_kv, (kv_head + 1) * per_kv)
 
 
-def keys_are_alignable(tensors: dict[str, torch.Tensor]) -> bool:
-    """A q/k norm after the projection would see a key transform; only norm-free keys may be aligned."""
-    return not any(("q_norm" in n or "k_norm" in n or "layernorm" in n) for n in tensors)
-
-
 def split_qkvo(tensors: dict[str, torch.Tensor], family: Family, geometry: Geometry) -> dict[str, torch.Tensor]:
     """Augmented per-projection matrices: q (H d x n+1), k and v (KV d x n+1), o (hidden x H d)."""
     d, kv = geometry.head_dim, geometry.kv_heads
@@ -107,7 +102,7 @@ def split_qkvo(tensors: dict[str, torch.Tensor], family: Family, geometry: Geome
         q, k, v = tensors[family.fused_qkv[0]].split([geometry.heads * d, kv * d, kv * d])
         parts = {"q": _augmented(q, None), "k": _augmented(k, None), "v": _augmented(v, None)}
     else:
-        parts = {p: _augmented(tensors[f"{p}_proj.weight"], tensors.get(f"{p}_proj.bias")) for p in "qkv"}
+        parts = {p: _augmented(tensors[f"{m}.weight"], tensors.get(f"{m}.bias")) for p, m in zip("qkv", family.projections)}
     parts["o"] = tensors[family.o_proj].double()
     return parts
 
@@ -121,10 +116,10 @@ def join_qkvo(
     if family.fused_qkv:
         out[family.fused_qkv[0]] = torch.cat([parts[p][:, :-1] for p in "qkv"]).float()
     else:
-        for p in "qkv":
-            out[f"{p}_proj.weight"] = parts[p][:, :-1].float()
-            if f"{p}_proj.bias" in tensors:
-                out[f"{p}_proj.bias"] = parts[p][:, -1].float()
+        for p, module in zip("qkv", family.projections):
+            out[f"{module}.weight"] = parts[p][:, :-1].float()
+            if f"{module}.bias" in tensors:
+                out[f"{module}.bias"] = parts[p][:, -1].float()
     out[family.o_proj] = parts["o"].float()
     return out
 
@@ -144,74 +139,87 @@ def aligned_merge(
 ) -> dict[str, torch.Tensor]:
     """Merge one layer's attention (all its tensors, relative names) with aligned heads.
     `frequencies` are the rotary angles per pair (inv_freq); without them keys use the full moment."""
-    d, rot = geometry.head_dim, geometry.rotary_dims
-    half = rot // 2
+    d = geometry.head_dim
     parts = split_qkvo(tensors, family, geometry)
-    q_heads, k_heads, v_heads = (_heads(parts[p], d) for p in "qkv")
-    o_heads = list(parts["o"].reshape(parts["o"].shape[0], -1, d).permute(1, 0, 2))  # H x hidden x d
-    align_keys = keys_are_alignable(tensors)
+    heads = {p: _heads(parts[p], d) for p in "qkv"}
+    heads["o"] = list(parts["o"].reshape(parts["o"].shape[0], -1, d).permute(1, 0, 2))  # H x hidden x d
+    align_keys = not family.has_qk_norm(tensors)  # a q/k norm after the projection would see a key transform
+    pair_moments = None
+    if align_keys and geometry.rotary_dims:
+        half = geometry.rotary_dims // 2
+        pair_moments = key_moments(moment, frequencies, context) if frequencies is not None else moment.expand(half, -1, -1)
     new_k, new_v = [], []
     for members in groups:
-        # Values: weighted by what o_proj makes of them.
-        metrics = [_psd_sqrt(sum(o_heads[h].T @ o_heads[h] for h in _queries_of(j, geometry))) for j in members]
-        merged_v, value_maps = reduced_rank_merge([v_heads[j] for j in members], metrics, moment)
-        new_v.append(merged_v)
-        for j, value_map in zip(members, value_maps):
-            for h in _queries_of(j, geometry):
-                o_heads[h] = o_heads[h] @ value_map.T
-        if not align_keys:
-            new_k.append(torch.stack([k_heads[j] for j in members]).mean(0))
-            continue
-        merged_k = torch.empty_like(k_heads[members[0]])
-        if half:
-            # Rotary part: complex pairs (i, i + R/2); weights = rotation-averaged query energy per pair.
-            rows = torch.stack([torch.complex(k_heads[j][:half], k_heads[j][half:rot]) for j in members], dim=1)
-            energy = torch.stack(
-                [
-                    sum(
-                        torch.einsum("pn,nm,pm->p", q_heads[h][:rot], moment, q_heads[h][:rot]).reshape(2, half).sum(0)
-                        for h in _queries_of(j, geometry)
-                    )
-                    for j in members
-                ],
-                dim=1,
-            )
-            pair_moments = (
-                key_moments(moment, frequencies, context) if frequencies is not None else moment.expand(half, -1, -1)
-            )
-            merged_pairs, scales = rank1_complex_merge(rows, energy, pair_moments)
-            merged_k[:half], merged_k[half:rot] = merged_pairs.real, merged_pairs.imag
-            for idx, j in enumerate(members):
-                conj = scales[:, idx].conj()[:, None]
-                for h in _queries_of(j, geometry):
-                    z = conj * torch.complex(q_heads[h][:half], q_heads[h][half:rot])
-                    q_heads[h] = torch.cat([z.real, z.imag, q_heads[h][rot:]])
-        if rot < d:
-            # Unrotated dims: any linear map, weighted by the queries' second moment there.
-            metrics = [
-                _psd_sqrt(sum(q_heads[h][rot:] @ moment @ q_heads[h][rot:].T for h in _queries_of(j, geometry)))
-                for j in members
-            ]
-            merged_k[rot:], key_maps = reduced_rank_merge([k_heads[j][rot:] for j in members], metrics, moment)
-            for j, key_map in zip(members, key_maps):
-                for h in _queries_of(j, geometry):
-                    q_heads[h] = torch.cat([q_heads[h][:rot], key_map @ q_heads[h][rot:]])
-        new_k.append(merged_k)
+        new_v.append(_merge_values(heads, members, geometry, moment))
+        if align_keys:
+            new_k.append(_merge_keys(heads, members, geometry, moment, pair_moments))
+        else:
+            new_k.append(torch.stack([heads["k"][j] for j in members]).mean(0))
 
-    parts = {
-        "q": torch.cat(q_heads),
+    merged = {
+        "q": torch.cat(heads["q"]),
         "k": torch.cat(new_k),
         "v": torch.cat(new_v),
-        "o": torch.stack(o_heads).permute(1, 0, 2).reshape(parts["o"].shape),
+        "o": torch.stack(heads["o"]).permute(1, 0, 2).reshape(parts["o"].shape),
     }
     out = dict(tensors)
-    out.update(join_qkvo(parts, tensors, family))
+    out.update(join_qkvo(merged, tensors, family))
     # Norms that belong to KV heads (OLMo-2's k_norm segments, StableLM's per-head k norms) follow the
     # keys, which are mean-pooled in exactly those families.
     kv = geometry.kv_heads
     for rel in family.kv_stacked:
-        if "norm" in rel and rel in tensors:
-            out[rel] = merge_stacked_rows(tensors[rel], kv, groups, "mean", role_of(rel))
+        if family.role(rel) == "norm" and rel in tensors:
+            out[rel] = merge_stacked_rows(tensors[rel], kv, groups, "mean", "norm")
     for pattern in family.kv_per_head:
-        merge_per_head(out, pattern, kv, groups, "mean")
+        merge_per_head(out, pattern, kv, groups, "mean", family.role(pattern))
     return out
+
+
+def _merge_values(heads: dict[str, list], members: list[int], geometry: Geometry, moment) -> torch.Tensor:
+    """One group's shared value head, weighted by what o_proj makes of each; the maps go into o_proj."""
+    o_heads = heads["o"]
+    metrics = [_psd_sqrt(sum(o_heads[h].T @ o_heads[h] for h in _queries_of(j, geometry))) for j in members]
+    merged, maps = reduced_rank_merge([heads["v"][j] for j in members], metrics, moment)
+    for j, value_map in zip(members, maps):
+        for h in _queries_of(j, geometry):
+            o_heads[h] = o_heads[h] @ value_map.T
+    return merged
+
+
+def _merge_keys(heads: dict[str, list], members: list[int], geometry: Geometry, moment, pair_moments) -> torch.Tensor:
+    """One group's shared key head; the per-head transforms go into the queries that read it."""
+    q_heads, k_heads = heads["q"], heads["k"]
+    d, rot = geometry.head_dim, geometry.rotary_dims
+    half = rot // 2
+    merged_k = torch.empty_like(k_heads[members[0]])
+    if half:
+        # Rotary part: complex pairs (i, i + R/2); weights = rotation-averaged query energy per pair.
+        rows = torch.stack([torch.complex(k_heads[j][:half], k_heads[j][half:rot]) for j in members], dim=1)
+        energy = torch.stack(
+            [
+                sum(
+                    torch.einsum("pn,nm,pm->p", q_heads[h][:rot], moment, q_heads[h][:rot]).reshape(2, half).sum(0)
+                    for h in _queries_of(j, geometry)
+                )
+                for j in members
+            ],
+            dim=1,
+        )
+        merged_pairs, scales = rank1_complex_merge(rows, energy, pair_moments)
+        merged_k[:half], merged_k[half:rot] = merged_pairs.real, merged_pairs.imag
+        for idx, j in enumerate(members):
+            conj = scales[:, idx].conj()[:, None]
+            for h in _queries_of(j, geometry):
+                z = conj * torch.complex(q_heads[h][:half], q_heads[h][half:rot])
+                q_heads[h] = torch.cat([z.real, z.imag, q_heads[h][rot:]])
+    if rot < d:
+        # Unrotated dims: any linear map, weighted by the queries' second moment there.
+        metrics = [
+            _psd_sqrt(sum(q_heads[h][rot:] @ moment @ q_heads[h][rot:].T for h in _queries_of(j, geometry)))
+            for j in members
+        ]
+        merged_k[rot:], key_maps = reduced_rank_merge([k_heads[j][rot:] for j in members], metrics, moment)
+        for j, key_map in zip(members, key_maps):
+            for h in _queries_of(j, geometry):
+                q_heads[h] = torch.cat([q_heads[h][:rot], key_map @ q_heads[h][rot:]])
+    return merged_k

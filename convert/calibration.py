@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,9 +33,10 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gqa.convert.checkpoint import CheckpointIndex
+from gqa.convert.modeldir import CheckpointIndex, same_tensor, tied_names
 from gqa.convert.errors import GQAError
 from gqa.convert.families import ATTENTION_PREFIX, Family, Geometry
+from gqa.convert.text import chunk_tokens, leading_bos, text_documents, token_stream
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +58,22 @@ def default_calibration_text() -> str:
 
 
 def calibration_tokens(model_dir: Path, text: str, sequences: int, seq_len: int) -> torch.Tensor:
-    """`sequences` x `seq_len` token ids cut from the text, tokenised with the source's tokenizer."""
+    """`sequences` x `seq_len` token ids from the start of the text, tokenised with the source's
+    tokenizer and cut into windows the way training and evaluation cut text (gqa.convert.text)."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as err:
         raise GQAError(f"calibration needs the source's tokenizer, but none loads from {model_dir} ({err}).") from err
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    usable = min(sequences, len(ids) // seq_len)
-    if usable == 0:
+    stream = token_stream(tokenizer, text_documents(text), max_tokens=sequences * seq_len)
+    windows = chunk_tokens(stream, seq_len, leading_bos(tokenizer))[:sequences]
+    if len(windows) == 0:
         raise GQAError(
-            f"the calibration text has {len(ids)} tokens, fewer than one sequence of {seq_len}; give a longer "
+            f"the calibration text has {len(stream)} tokens, fewer than one sequence of {seq_len}; give a longer "
             "--calibration file or a smaller --calibration-length."
         )
-    if usable < sequences:
-        log.warning("calibration text is short: using %d sequences of %d tokens, not %d", usable, seq_len, sequences)
-    return ids[: usable * seq_len].reshape(usable, seq_len)
+    if len(windows) < sequences:
+        log.warning("calibration text is short: using %d sequences of %d tokens, not %d", len(windows), seq_len, sequences)
+    return torch.from_numpy(windows)
 
 
 def _materialise(
@@ -237,10 +240,10 @@ def layerwise_aligned_merge(
     source, converted = _meta_model(config), _meta_model(out_config)
     src_base, conv_base = source.base_model, converted.base_model
     prefix = source.base_model_prefix + "."
-    tied = _tied_names(source)
+    tied = tied_names(source)
 
-    def read_source(name: str) -> torch.Tensor:
-        return index.read(name if name in index else tied.get(name, name))
+    def read_source(name: str) -> torch.Tensor:  # a tied tensor is stored under one of its names
+        return index.read(next((n for n in same_tensor(name, tied) if n in index), name))
 
     for name, child in src_base.named_children():
         if child is not src_base.layers:
@@ -256,29 +259,12 @@ def layerwise_aligned_merge(
         src_layer, conv_layer = src_base.layers[i], conv_base.layers[i]
         attention_prefix = ATTENTION_PREFIX.format(i=i)
         _materialise(source, src_layer, read_source, f"{prefix}layers.{i}.", device)
-        attn_inputs: list[torch.Tensor] = []
-        head_outputs: list[torch.Tensor] = []
-        attn_calls: list[dict] = []
-        hooks = [
-            _capture(src_layer.self_attn, attn_inputs, attn_calls),
-            _capture(src_layer.self_attn.get_submodule(o_module), head_outputs),
-        ]
-        with torch.no_grad():
-            next_source = _output(src_layer(source_stream, **layer_kwargs[i]))
-            _output(src_layer(converted_stream, **layer_kwargs[i]))
-        for h in hooks:
-            h.remove()
-        source_heads = head_outputs[0]
-        src_o = src_layer.self_attn.get_submodule(o_module)
-        src_o_weight = src_o.weight.detach().clone()
-        src_o_bias = None if src_o.bias is None else src_o.bias.detach().clone()
-        converted_inputs = _augment(attn_inputs[1])
-        moment = converted_inputs.T @ converted_inputs / len(converted_inputs)
+        seen = _run_source_layer(src_layer, o_module, source_stream, converted_stream, layer_kwargs[i])
+        src_layer.to_empty(device="meta")
         tensors = {
             name[len(attention_prefix) :]: read_source(name) for name in index.tensors if name.startswith(attention_prefix)
         }
-        merged, groups = merge(i, tensors, moment.cpu())
-        src_layer.to_empty(device="meta")
+        merged, groups = merge(i, tensors, seen.moment.cpu())
 
         def read_converted(name: str) -> torch.Tensor:
             if name.startswith(attention_prefix) and name[len(attention_prefix) :] in merged:
@@ -287,46 +273,83 @@ def layerwise_aligned_merge(
 
         _materialise(converted, conv_layer, read_converted, f"{prefix}layers.{i}.", device)
         if refit_output:
-            merged_outputs: list[torch.Tensor] = []
-            hook = _capture(conv_layer.self_attn.get_submodule(o_module), merged_outputs)
-            with torch.no_grad():
-                conv_layer(converted_stream, **layer_kwargs[i])
-            hook.remove()
-            o_proj = conv_layer.self_attn.get_submodule(o_module)
-            source_o = src_o_weight, src_o_bias
-            weight, bias = refit_output_projection(source_heads, merged_outputs[0], *source_o, o_proj.weight, o_proj.bias)
-            with torch.no_grad():
-                o_proj.weight.copy_(weight)
-                if bias is not None:
-                    o_proj.bias.copy_(bias)
+            weight, bias = _refit_in_place(conv_layer, o_module, converted_stream, layer_kwargs[i], seen)
             merged[family.o_proj] = weight.to("cpu", torch.float32)
             if bias is not None:
                 merged[family.o_proj.replace(".weight", ".bias")] = bias.to("cpu", torch.float32)
         if refine_steps:
-            source_output = source_heads @ src_o_weight.T + (0 if src_o_bias is None else src_o_bias)
             before, after = refine_attention(
-                conv_layer.self_attn, attn_inputs[1], attn_calls[1], source_output, refine_steps, refine_lr, refine_batch
-            )
+                conv_layer.self_attn, seen.attention_input, seen.attention_call, seen.output(), refine_steps, refine_lr,
+                refine_batch,
+            )  # fmt: skip
             log.info("layer %d: attention output error %.4f -> %.4f", i, before, after)
             for name, param in conv_layer.self_attn.named_parameters():
                 merged[name] = param.detach().to("cpu", torch.float32)
         with torch.no_grad():
             converted_stream = _output(conv_layer(converted_stream, **layer_kwargs[i]))
         conv_layer.to_empty(device="meta")
-        source_stream = next_source
+        source_stream = seen.next_source
         paths.append(out_dir / f"layer-{i:05d}.safetensors")
         save_file({k: v.contiguous() for k, v in merged.items()}, paths[-1])
         all_groups.append(groups)
     return paths, all_groups
 
 
+@dataclass
+class _SourceLayer:
+    """What one source layer shows on both streams: the targets and the merge's inputs."""
+
+    next_source: torch.Tensor  # the source stream after this layer
+    heads: torch.Tensor  # the source attention's per-head outputs (o_proj's input) on the source stream
+    o_weight: torch.Tensor
+    o_bias: torch.Tensor | None
+    attention_input: torch.Tensor  # the attention's input on the converted stream
+    attention_call: dict  # and the call's other arguments (mask, rotary embeddings)
+    moment: torch.Tensor  # E[x̃ x̃ᵀ] of that input, augmented with a constant 1
+
+    def output(self) -> torch.Tensor:
+        """What the source attention outputs on the source stream: the target of refinement."""
+        return self.heads @ self.o_weight.T + (0 if self.o_bias is None else self.o_bias)
+
+
+def _run_source_layer(layer, o_module: str, source_stream, converted_stream, kwargs: dict) -> _SourceLayer:
+    attention_inputs: list[torch.Tensor] = []
+    head_outputs: list[torch.Tensor] = []
+    calls: list[dict] = []
+    o_proj = layer.self_attn.get_submodule(o_module)
+    hooks = [_capture(layer.self_attn, attention_inputs, calls), _capture(o_proj, head_outputs)]
+    with torch.no_grad():
+        next_source = _output(layer(source_stream, **kwargs))
+        layer(converted_stream, **kwargs)
+    for hook in hooks:
+        hook.remove()
+    augmented = _augment(attention_inputs[1])
+    return _SourceLayer(
+        next_source=next_source,
+        heads=head_outputs[0],
+        o_weight=o_proj.weight.detach().clone(),
+        o_bias=None if o_proj.bias is None else o_proj.bias.detach().clone(),
+        attention_input=attention_inputs[1],
+        attention_call=calls[1],
+        moment=augmented.T @ augmented / len(augmented),
+    )
+
+
+def _refit_in_place(layer, o_module: str, converted_stream, kwargs: dict, seen: _SourceLayer):
+    """Refit the merged layer's o_proj (see refit_output_projection) and load it into the layer."""
+    merged_outputs: list[torch.Tensor] = []
+    o_proj = layer.self_attn.get_submodule(o_module)
+    hook = _capture(o_proj, merged_outputs)
+    with torch.no_grad():
+        layer(converted_stream, **kwargs)
+    hook.remove()
+    weight, bias = refit_output_projection(seen.heads, merged_outputs[0], seen.o_weight, seen.o_bias, o_proj.weight, o_proj.bias)
+    with torch.no_grad():
+        o_proj.weight.copy_(weight)
+        if bias is not None:
+            o_proj.bias.copy_(bias)
+    return weight, bias
+
+
 def _output(result):
     return result[0] if isinstance(result, tuple) else result
-
-
-def _tied_names(model) -> dict[str, str]:
-    """Each tied parameter name -> the other name of the same tensor (checkpoints store one)."""
-    by_id: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(param), []).append(name)
-    return {a: b for names in by_id.values() for a in names for b in names if a != b}

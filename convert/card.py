@@ -1,4 +1,4 @@
-"""Provenance file and model card (README.md with Hugging Face front matter) for converted models.
+"""The model card (README.md with Hugging Face front matter) of converted and trained models.
 
 The provenance file is the record of how a model was made; the card is regenerated from it and
 from config.json, so the two can never disagree. Writing a card makes no network calls.
@@ -14,7 +14,8 @@ from typing import Any
 import yaml
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-PROVENANCE_FILE = "gqa_provenance.json"
+from gqa.convert.modeldir import CARD_FILE, CONFIG_FILE, read_provenance, write_text_atomic
+
 GQA_CITATION = """@inproceedings{ainslie2023gqa,
   title     = {GQA: Training Generalized Multi-Query Transformer Models from Multi-Head Checkpoints},
   author    = {Ainslie, Joshua and Lee-Thorp, James and de Jong, Michiel and Zemlyanskiy, Yury and Lebr{\\'o}n, Federico and Sanghai, Sumit},
@@ -22,15 +23,6 @@ GQA_CITATION = """@inproceedings{ainslie2023gqa,
   year      = {2023},
   url       = {https://arxiv.org/abs/2305.13245}
 }"""
-
-
-def read_provenance(model_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(model_dir) / PROVENANCE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def write_provenance(model_dir: str | Path, provenance: dict[str, Any]) -> None:
-    (Path(model_dir) / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
 
 
 def card_metadata(config: dict[str, Any], provenance: dict[str, Any]) -> dict[str, Any]:
@@ -109,8 +101,6 @@ def render_card(config: dict[str, Any], provenance: dict[str, Any], repo_id: str
         f"- KV heads: {src_kv} -> {kv_heads}",
         f"- gqa version: {provenance.get('gqa_version', '?')}",
     ]
-    if conv.get("note"):
-        lines.append(f"- note: {conv['note']}")
     training = provenance.get("training")
     if training:
         lines += ["", "## Uptraining", "", *training_lines(training)]
@@ -224,8 +214,6 @@ def card_problems(card: str, config: dict[str, Any], provenance: dict[str, Any])
 def write_model_card(model_dir: str | Path, repo_id: str | None = None) -> Path:
     """Regenerate README.md in `model_dir` from its config.json and provenance file."""
     model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
+    config = json.loads((model_dir / CONFIG_FILE).read_text())
     provenance = read_provenance(model_dir) or {}
-    path = model_dir / "README.md"
-    path.write_text(render_card(config, provenance, repo_id))
-    return path
+    return write_text_atomic(model_dir / CARD_FILE, render_card(config, provenance, repo_id))

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
+import typing
 from pathlib import Path
 
 from gqa.convert.convert import convert, load_config
-from gqa.convert.options import DTYPES, GROUPINGS, ConvertOptions, parse_size
-from gqa.convert.checkpoint import resolve_source
+from gqa.convert.options import ConvertOptions, flag_of
+from gqa.convert.modeldir import resolve_source
 from gqa.convert.families import family_for, geometry_of
-from gqa.convert.heads import METHOD_HELP, METHODS
 from gqa.convert.kvcache import human_bytes, kv_cache_bytes_per_token
 
 
@@ -20,62 +20,50 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     if name == "inspect":
         return
     parser.add_argument("out", metavar="OUT", help="output directory (must not exist unless --force)")
-    parser.add_argument("--kv-heads", type=int, required=True, metavar="G", help="number of KV heads to keep")
-    parser.add_argument(
-        "--method",
-        choices=METHODS,
-        default="mean",
-        help="how heads of a group are merged: " + "; ".join(f"{k}: {v}" for k, v in METHOD_HELP.items()),
-    )
-    parser.add_argument("--dtype", choices=list(DTYPES), default="auto", help="output dtype (auto keeps the source's)")
-    parser.add_argument(
-        "--shard-size", default="5GB", help="largest output shard in bytes, e.g. 5GB (10^9 bytes), 2GiB (default 5GB)"
-    )
-    parser.add_argument("--no-copy-tokenizer", action="store_true", help="do not copy tokenizer files to OUT")
-    parser.add_argument("--force", action="store_true", help="replace OUT if it exists (only once OUT is complete)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for --method random (default 0)")
-    parser.add_argument(
-        "--grouping",
-        choices=GROUPINGS,
-        default="contiguous",
-        help="contiguous: heads 0..r-1 form group 0 (default); similarity: group similar KV heads per layer "
-        "(by calibration activations with --method aligned, else by weights) and renumber heads to match",
-    )
-    parser.add_argument(
-        "--calibration",
-        metavar="FILE",
-        help="text file for --method aligned, or stdlib-docs:train (the recipes' training text, about 280K "
-        "SmolLM2 tokens: enough for 512 sequences of 512); default: docstrings of 22 Python standard-library modules",
-    )
-    parser.add_argument(
-        "--calibration-sequences", type=int, default=ConvertOptions.calibration_sequences,
-        help=f"calibration sequences (default {ConvertOptions.calibration_sequences}; fewer are faster and "
-        "lighter, and merge less well)",
-    )
-    parser.add_argument(
-        "--calibration-length", type=int, default=ConvertOptions.calibration_length,
-        help=f"tokens per sequence (default {ConvertOptions.calibration_length})",
-    )
-    parser.add_argument(
-        "--refine-steps", type=int, default=0,
-        help="aligned: after each layer's merge, Adam steps on its attention weights to match the source "
-        "attention's output on the calibration tokens (default 0: none; 400 took SmolLM2-135M 3->1 to 1.85x the original "
-        "perplexity; on a GPU, 1600 with --refine-batch 32 on 512 calibration sequences to 1.32x)",
-    )
-    parser.add_argument(
-        "--refine-lr", type=float, default=ConvertOptions.refine_lr,
-        help=f"learning rate of --refine-steps (default {ConvertOptions.refine_lr:g})",
-    )
-    parser.add_argument(
-        "--refine-batch", type=int, default=ConvertOptions.refine_batch,
-        help=f"calibration sequences per --refine-steps step (default {ConvertOptions.refine_batch}; more "
-        "fit held-out text better and cost proportionally more time)",
-    )
-    parser.add_argument(
-        "--device", default=ConvertOptions.device,
-        help="where --method aligned runs its calibration pass: auto (default: the GPU when torch sees one, "
-        "else the CPU), cpu, cuda or cuda:N",
-    )
+    add_option_flags(parser)
+
+
+def add_option_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ConvertOptions field but the library-only ones, named after the field, with its
+    default, choices and help. A bool is a switch: --force sets force, --no-copy-tokenizer clears
+    copy_tokenizer (whose default is True). Values are parsed (int, float) but not checked here, not
+    even against their choices: ConvertOptions checks them, so the command line and the library
+    refuse the same values with the same GQAError messages."""
+    for name, info in ConvertOptions.model_fields.items():
+        flag = flag_of(info)
+        if not flag.cli:
+            continue
+        dashed = name.replace("_", "-")
+        if info.annotation is bool:
+            option = f"--no-{dashed}" if info.default else f"--{dashed}"
+            kw = {"action": "store_false" if info.default else "store_true", "default": info.default}
+            help_text = ("do not " if info.default else "") + info.description
+        else:
+            option = f"--{dashed}"
+            kw = {"type": flag.type or _value_type(info.annotation)}
+            kw.update({"required": True} if info.is_required() else {"default": info.default})
+            help_text = info.description
+            if info.default is not None and not info.is_required():
+                help_text += f" (default {flag.show(info.default)})"
+        if flag.choices:  # shown as argparse shows choices, but checked by ConvertOptions, with its message
+            kw["metavar"] = "{" + ",".join(flag.choices) + "}"
+        if flag.metavar:
+            kw["metavar"] = flag.metavar
+        parser.add_argument(option, dest=name, help=help_text.replace("%", "%%"), **kw)
+
+
+def options_from(args: argparse.Namespace) -> ConvertOptions:
+    """The ConvertOptions that add_option_flags' flags ask for."""
+    flagged = [name for name, info in ConvertOptions.model_fields.items() if flag_of(info).cli]
+    return ConvertOptions(**{name: getattr(args, name) for name in flagged})
+
+
+def _value_type(annotation) -> type:
+    """int, float or str: what a flag's text is parsed as (X | None gives X)."""
+    for candidate in (int, float):
+        if annotation is candidate or candidate in typing.get_args(annotation):
+            return candidate
+    return str
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,23 +74,7 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(1)
-    options = ConvertOptions(
-        kv_heads=args.kv_heads,
-        method=args.method,
-        dtype=args.dtype,
-        shard_size=parse_size(args.shard_size),
-        copy_tokenizer=not args.no_copy_tokenizer,
-        force=args.force,
-        seed=args.seed,
-        grouping=args.grouping,
-        calibration=args.calibration,
-        calibration_sequences=args.calibration_sequences,
-        calibration_length=args.calibration_length,
-        refine_steps=args.refine_steps,
-        refine_lr=args.refine_lr,
-        refine_batch=args.refine_batch,
-        device=args.device,
-    )
+    options = options_from(args)
     result = convert(args.source, args.out, options)
     before, after = result.kv_bytes_per_token_before, result.kv_bytes_per_token_after
     g = result.geometry

@@ -11,7 +11,6 @@ import copy
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -21,22 +20,32 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from gqa.convert import __version__
-from gqa.convert.card import write_model_card, write_provenance
-from gqa.convert.checkpoint import (
+from gqa.convert.card import write_model_card
+from gqa.convert.modeldir import (
     BIN_INDEX,
+    CARD_FILE,
+    CONFIG_FILE,
+    PROVENANCE_FILE,
     SAFETENSORS_INDEX,
+    TOKENIZER_FILE,
+    WEIGHT_SUFFIXES,
     CheckpointIndex,
     Source,
     directory_is_inside,
+    dtype_name,
+    meta_tensors,
     resolve_source,
+    same_tensor,
+    write_provenance,
 )
 from gqa.convert.errors import GQAError
 from gqa.convert.families import (
     ATTENTION_PREFIX,
     Family,
+    attention_layer,
     Geometry,
     check_target,
     family_for,
@@ -45,18 +54,15 @@ from gqa.convert.families import (
 )
 from gqa.convert.aligned import aligned_merge, split_qkvo
 from gqa.convert.grouping import head_distances, permute_heads, similarity_groups
-from gqa.convert.heads import METHODS, contiguous_groups, merge_per_head, merge_stacked_rows, role_of
+from gqa.convert.heads import contiguous_groups, merge_per_head, merge_stacked_rows
 from gqa.convert.kvcache import kv_cache_bytes_per_token
-from gqa.convert.options import DTYPES, GROUPINGS, ConvertOptions
+from gqa.convert.options import DTYPES, ConvertOptions
 from gqa.convert.writer import ShardedSafetensorsWriter, TensorSpec
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILE = re.compile(
-    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|.*\.model|chat_template.*)$"
-)
 # Files the conversion writes itself, or that describe the source's weights only.
-NOT_COPIED = {"config.json", "README.md", SAFETENSORS_INDEX, BIN_INDEX, "gqa_provenance.json"}
+NOT_COPIED = {CONFIG_FILE, CARD_FILE, SAFETENSORS_INDEX, BIN_INDEX, PROVENANCE_FILE}
 
 
 @dataclass
@@ -88,16 +94,7 @@ def check_output_location(source: str, out: Path, force: bool) -> None:
 
 def convert(source: str, out: str | Path, options: ConvertOptions) -> ConversionResult:
     started = time.perf_counter()
-    if options.method not in METHODS:
-        raise GQAError(f"unknown method '{options.method}'; choose one of {', '.join(METHODS)}.")
-    if options.grouping not in GROUPINGS:
-        raise GQAError(f"unknown grouping '{options.grouping}'; choose one of {', '.join(GROUPINGS)}.")
-    if options.dtype not in DTYPES:
-        raise GQAError(f"unknown dtype '{options.dtype}'; choose one of {', '.join(DTYPES)}.")
-    if options.refine_steps < 0 or options.refine_lr <= 0 or options.refine_batch < 1:
-        raise GQAError("--refine-steps must be at least 0, --refine-lr greater than 0 and --refine-batch at least 1.")
-    if options.refine_steps and options.method != "aligned":
-        raise GQAError("--refine-steps refines the calibration pass of --method aligned; add --method aligned.")
+    options.check()  # ConvertOptions checks its values on construction; again here for unchecked copies
     if options.method == "aligned":
         calibration_device(options.device)  # a bad --device fails before anything is read or written
     out = Path(out).expanduser().absolute()
@@ -126,9 +123,9 @@ def _move_into_place(staged: Path, out: Path, work: Path) -> None:
 
 
 def load_config(model_dir: Path):
-    if not (model_dir / "config.json").is_file():
+    if not (model_dir / CONFIG_FILE).is_file():
         raise GQAError(f"{model_dir} has no config.json; is it a transformers model directory?")
-    raw = json.loads((model_dir / "config.json").read_text())
+    raw = json.loads((model_dir / CONFIG_FILE).read_text())
     family_for(raw.get("model_type", "(none)"))  # refuse unsupported families before anything heavy
     try:
         config = AutoConfig.from_pretrained(model_dir)
@@ -137,35 +134,13 @@ def load_config(model_dir: Path):
     return raw, config
 
 
-def meta_state_shapes(config) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """Every tensor name the transformers model has for `config`, with its shape, built on the meta
-    device (no memory). Also maps each tied name to the name it shares storage with."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    shapes: dict[str, tuple[int, ...]] = {}
-    first_name_of: dict[int, str] = {}
-    tied_to: dict[str, str] = {}
-    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(
-        model.named_buffers(remove_duplicate=False)
-    ):
-        shapes[name] = tuple(tensor.shape)
-        if id(tensor) in first_name_of:
-            tied_to[name] = first_name_of[id(tensor)]
-        else:
-            first_name_of[id(tensor)] = name
-    persistent = set(model.state_dict().keys())
-    shapes = {k: v for k, v in shapes.items() if k in persistent}
-    return shapes, tied_to
-
-
 def _check_tensors(index: CheckpointIndex, expected: dict[str, tuple[int, ...]], tied_to: dict[str, str]) -> list[str]:
     """Refuse a checkpoint that lacks a tensor the model needs or has one of the wrong shape.
     Returns the names the model does not know: transformers ignores them on load (older checkpoints
     store each layer's rotary `inv_freq`, which the model computes itself), so they are not written."""
     for name, shape in expected.items():
         if name not in index:
-            partner = tied_to.get(name) or next((k for k, v in tied_to.items() if v == name), None)
-            if partner and partner in index:
+            if any(n in index for n in same_tensor(name, tied_to)):
                 continue  # tied weights are stored once
             raise GQAError(
                 f"tensor {name} is missing from the checkpoint in {index.model_dir}; the config says the model has "
@@ -188,11 +163,6 @@ class AttentionUnit:
     outputs: list[TensorSpec] = field(default_factory=list)
 
 
-def _layer_of(name: str) -> int | None:
-    match = re.match(r"model\.layers\.(\d+)\.self_attn\.", name)
-    return int(match.group(1)) if match else None
-
-
 def build_plan(
     index: CheckpointIndex,
     in_shapes: dict[str, tuple[int, ...]],
@@ -211,7 +181,7 @@ def build_plan(
     units: dict[int, AttentionUnit] = {}
     for name in index.names_in_file_order():
         info = index.tensors[name]
-        layer = _layer_of(name)
+        layer = attention_layer(name)
         if layer is None:
             if name in in_shapes:
                 plan.append(TensorSpec(name, out_dtype(info.dtype), info.shape))
@@ -250,12 +220,12 @@ def merge_attention_unit(
     merged = dict(tensors)
     for rel, tensor in tensors.items():
         if rel in family.kv_stacked:
-            merged[rel] = merge_stacked_rows(tensor, kv, groups, method, role_of(rel), generator)
+            merged[rel] = merge_stacked_rows(tensor, kv, groups, method, family.role(rel), generator)
         elif rel in family.fused_qkv:
             q_rows = geometry.heads * geometry.head_dim
             k_rows = kv * geometry.head_dim
             q, k, v = tensor.split([q_rows, k_rows, k_rows])
-            role = role_of(rel)
+            role = family.role(rel)
             merged[rel] = torch.cat(
                 [
                     q,
@@ -264,7 +234,7 @@ def merge_attention_unit(
                 ]
             )
     for pattern in family.kv_per_head:
-        merge_per_head(merged, pattern, kv, groups, method, generator)
+        merge_per_head(merged, pattern, kv, groups, method, family.role(pattern), generator)
     return merged
 
 
@@ -280,64 +250,44 @@ def _check_finite(name: str, tensor: torch.Tensor) -> None:
 
 
 def _convert_into(src: Source, staged: Path, options: ConvertOptions) -> ConversionResult:
+    """Check the source, plan the output, merge and stream every tensor, then the side files."""
     raw_config, config = load_config(src.path)
-    family = family_for(config.model_type)
-    geometry = geometry_of(config)
+    family, geometry = family_for(config.model_type), geometry_of(config)
     check_target(geometry, options.kv_heads, allow_same=options.allow_same)
     index = CheckpointIndex(src.path)
-    in_shapes, tied_to = meta_state_shapes(config)
-    dropped = _check_tensors(index, in_shapes, tied_to)
+    source_tensors = meta_tensors(config)
+    dropped = _check_tensors(index, source_tensors.shapes, source_tensors.tied)
     if dropped:
         log.warning("leaving out %d tensors the model does not define: %s", len(dropped), dropped[:5])
-
     out_config = copy.deepcopy(config)
     out_config.num_key_value_heads = options.kv_heads
-    out_shapes, _ = meta_state_shapes(out_config)
     cast = DTYPES[options.dtype]
-    plan = build_plan(index, in_shapes, out_shapes, cast)
-    specs = [s for item in plan for s in (item.outputs if isinstance(item, AttentionUnit) else [item])]
+    plan = build_plan(index, source_tensors.shapes, meta_tensors(out_config).shapes, cast)
+
     groups_per_layer: dict[int, list[list[int]]] = {}
-    aligned_files: list[Path] = []
     if options.method == "aligned":
-        aligned_files, aligned_groups = _aligned_pass(src, index, config, out_config, family, geometry, options, staged)
-        groups_per_layer = dict(enumerate(aligned_groups))
-    generator = torch.Generator().manual_seed(options.seed)
+        files, aligned_groups = _aligned_pass(src, index, config, out_config, family, geometry, options, staged)
+        groups_per_layer.update(enumerate(aligned_groups))
 
-    writer = ShardedSafetensorsWriter(staged, specs, options.shard_size)
-    try:
-        total = sum(s.nbytes for s in specs)
-        with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=None) as bar:
-            for item in plan:
-                if isinstance(item, TensorSpec):
-                    tensor = index.read(item.name)
-                    _check_finite(item.name, tensor)
-                    writer.write(item.name, tensor.to(item.dtype))
-                    bar.update(item.nbytes)
-                    continue
-                prefix = ATTENTION_PREFIX.format(i=item.layer)
-                if aligned_files:  # merged (and its inputs checked) by the calibration pass
-                    merged = load_file(aligned_files[item.layer])
-                else:
-                    inputs = {}
-                    for name in item.inputs:
-                        inputs[name[len(prefix) :]] = tensor = index.read(name)
-                        _check_finite(name, tensor)
-                    groups = _groups_for(inputs, family, geometry, options, None)
-                    groups_per_layer[item.layer] = groups
-                    merged = merge_attention_unit(inputs, family, geometry, groups, options.method, generator)
-                for spec in item.outputs:
-                    writer.write(spec.name, merged[spec.name[len(prefix) :]].to(spec.dtype))
-                    bar.update(spec.nbytes)
-        writer.finish()
-    finally:
-        writer.close()  # after a failure: no background write into the staging directory being removed
+        def merge_layer(unit: AttentionUnit) -> dict[str, torch.Tensor]:
+            return load_file(files[unit.layer])  # merged (and its inputs checked) by the calibration pass
+    else:
+        generator = torch.Generator().manual_seed(options.seed)
 
+        def merge_layer(unit: AttentionUnit) -> dict[str, torch.Tensor]:
+            prefix = ATTENTION_PREFIX.format(i=unit.layer)
+            tensors = {name[len(prefix) :]: _read_finite(index, name) for name in unit.inputs}
+            groups_per_layer[unit.layer] = groups = _groups_for(tensors, family, geometry, options, None)
+            return merge_attention_unit(tensors, family, geometry, groups, options.method, generator)
+
+    specs = [s for item in plan for s in (item.outputs if isinstance(item, AttentionUnit) else [item])]
+    bytes_written = _write_tensors(plan, specs, index, staged, options.shard_size, merge_layer)
     _write_config(raw_config, staged, options.kv_heads, cast)
     _copy_side_files(src.path, staged, options.copy_tokenizer)
-    source_dtype = next((t.dtype for t in index.tensors.values() if t.dtype.is_floating_point), torch.float32)
     groups = [groups_per_layer[layer] for layer in sorted(groups_per_layer)]
     write_provenance(staged, _provenance(src, config, index, options, geometry, groups, dropped))
     write_model_card(staged)
+    source_dtype = next((t.dtype for t in index.tensors.values() if t.dtype.is_floating_point), torch.float32)
     return ConversionResult(
         out_dir=staged,
         source=src,
@@ -347,10 +297,38 @@ def _convert_into(src: Source, staged: Path, options: ConvertOptions) -> Convers
         kv_bytes_per_token_before=kv_cache_bytes_per_token(config, dtype=source_dtype),
         kv_bytes_per_token_after=kv_cache_bytes_per_token(config, options.kv_heads, dtype=cast or source_dtype),
         tensors_written=len(specs),
-        bytes_written=writer.bytes_written,
+        bytes_written=bytes_written,
         seconds=0.0,
         dropped=dropped,
     )
+
+
+def _read_finite(index: CheckpointIndex, name: str) -> torch.Tensor:
+    tensor = index.read(name)
+    _check_finite(name, tensor)
+    return tensor
+
+
+def _write_tensors(plan, specs: list[TensorSpec], index: CheckpointIndex, staged: Path, shard_size: int, merge_layer) -> int:
+    """Stream the plan into shards: passthrough tensors as they are read, each layer's attention
+    as `merge_layer` returns it. Returns the bytes written."""
+    writer = ShardedSafetensorsWriter(staged, specs, shard_size)
+    try:
+        with tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="converting", disable=None) as bar:
+            for item in plan:
+                if isinstance(item, TensorSpec):
+                    writer.write(item.name, _read_finite(index, item.name).to(item.dtype))
+                    bar.update(item.nbytes)
+                    continue
+                prefix = ATTENTION_PREFIX.format(i=item.layer)
+                merged = merge_layer(item)
+                for spec in item.outputs:
+                    writer.write(spec.name, merged[spec.name[len(prefix) :]].to(spec.dtype))
+                    bar.update(spec.nbytes)
+        writer.finish()
+    finally:
+        writer.close()  # after a failure: no background write into the staging directory being removed
+    return writer.bytes_written
 
 
 def _aligned_pass(src: Source, index, config, out_config, family, geometry, options: ConvertOptions, staged: Path):
@@ -426,19 +404,18 @@ def _write_config(raw: dict, staged: Path, kv_heads: int, cast: torch.dtype | No
     config = dict(raw)
     config["num_key_value_heads"] = kv_heads
     if cast is not None:
-        dtype_name = str(cast).removeprefix("torch.")
         for key in ("dtype", "torch_dtype"):
             if key in config:
-                config[key] = dtype_name
-        config.setdefault("dtype", dtype_name)
-    (staged / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+                config[key] = dtype_name(cast)
+        config.setdefault("dtype", dtype_name(cast))
+    (staged / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _copy_side_files(src: Path, staged: Path, copy_tokenizer: bool) -> None:
     for path in sorted(src.iterdir()):
         if not path.is_file() or path.name in NOT_COPIED or path.name.startswith("."):
             continue
-        if path.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5"):
+        if path.suffix in WEIGHT_SUFFIXES:
             continue
         if not copy_tokenizer and TOKENIZER_FILE.match(path.name):
             continue

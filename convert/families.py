@@ -31,27 +31,31 @@ class Family:
     q_stacked: tuple[str, ...] = ("q_proj.weight", "q_proj.bias")
     q_per_head: tuple[str, ...] = ()
     o_proj: str = "o_proj.weight"
+    # The separate q, k and v projection modules (unless fused_qkv).
+    projections: tuple[str, str, str] = ("q_proj", "k_proj", "v_proj")
+    # Modules that normalise queries or keys after the projection, when the model has them: a key
+    # transform cannot pass through them, and the k one belongs to the keys alone.
+    q_norm: str | None = None
+    k_norm: str | None = None
     # What a user should know about this family's conversion (shown by `gqa inspect` and the docs).
     notes: tuple[str, ...] = field(default_factory=tuple)
 
+    def role(self, rel: str) -> str:
+        """How a merge treats an attention tensor: "norm" (q/k norms), "bias" or "weight"."""
+        if rel.split(".")[0] in (self.q_norm, self.k_norm):
+            return "norm"
+        return "bias" if rel.endswith(".bias") else "weight"
+
+    def has_qk_norm(self, rels) -> bool:
+        """Whether any of these attention tensors belongs to a q or k norm."""
+        return any(rel.split(".")[0] in (self.q_norm, self.k_norm) for rel in rels)
+
     @property
-    def required(self) -> tuple[str, ...]:
-        """The attention tensors that every layer must have."""
+    def kv_modules(self) -> tuple[str, ...]:
+        """Attention submodules whose parameters serve keys and values alone (none when fused)."""
         if self.fused_qkv:
-            return ("qkv_proj.weight", self.o_proj)
-        return ("q_proj.weight", "k_proj.weight", "v_proj.weight", self.o_proj)
-
-    def kv_tensor_names(self, present: set[str]) -> list[str]:
-        """The KV-dependent attention tensors (relative names) among `present`."""
-        names = [n for n in self.kv_stacked + self.fused_qkv if n in present]
-        for pattern in self.kv_per_head:
-            regex = re.compile(re.escape(pattern).replace(r"\{j\}", r"\d+") + "$")
-            names += sorted((n for n in present if regex.match(n)), key=_head_index)
-        return names
-
-
-def _head_index(name: str) -> int:
-    return int(re.search(r"\.(\d+)\.", name).group(1))
+            return ()
+        return tuple(m for m in (*self.projections[1:], self.k_norm) if m)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -72,6 +76,8 @@ FAMILIES: tuple[Family, ...] = (
         ("stablelm",),
         kv_per_head=("k_layernorm.norms.{j}.weight",),
         q_per_head=("q_layernorm.norms.{j}.weight",),
+        q_norm="q_layernorm",
+        k_norm="k_layernorm",
         notes=("partial rotary; optional qkv bias and per-head q/k LayerNorm (k norms are merged per group)",),
     ),
     Family("OLMo", ("olmo",)),
@@ -80,6 +86,8 @@ FAMILIES: tuple[Family, ...] = (
         ("olmo2",),
         kv_stacked=("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias", "k_norm.weight"),
         q_stacked=("q_proj.weight", "q_proj.bias", "q_norm.weight"),
+        q_norm="q_norm",
+        k_norm="k_norm",
         notes=(
             "k_norm is one RMSNorm over all KV heads together: with fewer heads it normalises over fewer "
             "dimensions, so merging is exact only when the merged heads are identical",
@@ -88,21 +96,28 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         "Qwen3",
         ("qwen3",),
+        q_norm="q_norm",
+        k_norm="k_norm",
         notes=("q_norm/k_norm are per-head RMSNorms shared by all heads: copied unchanged, applied after merging",),
     ),
     Family(
         "Phi",
         ("phi",),
         o_proj="dense.weight",
+        q_norm="q_layernorm",
+        k_norm="k_layernorm",
         notes=("partial rotary (phi-2: 32 of 80 dims); biases merged; optional shared q/k LayerNorm copied",),
     ),
 )
 
 ATTENTION_PREFIX = "model.layers.{i}.self_attn."
+_ATTENTION_NAME = re.compile(re.escape(ATTENTION_PREFIX).replace(r"\{i\}", r"(\d+)"))
 
 
-def supported_model_types() -> list[str]:
-    return [t for fam in FAMILIES for t in fam.model_types]
+def attention_layer(name: str) -> int | None:
+    """The layer whose attention a tensor belongs to, or None for any other tensor."""
+    match = _ATTENTION_NAME.match(name)
+    return int(match.group(1)) if match else None
 
 
 def family_for(model_type: str) -> Family:

@@ -74,7 +74,8 @@ def merge_stacked_rows(
 
 
 def merge_per_head(
-    tensors: dict[str, torch.Tensor], pattern: str, kv_heads: int, groups: list[list[int]], method: str, generator=None
+    tensors: dict[str, torch.Tensor], pattern: str, kv_heads: int, groups: list[list[int]], method: str, role: str,
+    generator=None,
 ) -> dict[str, torch.Tensor]:
     """Merge tensors stored one per KV head (`pattern` names head j as {j}, like StableLM's per-head
     k LayerNorm) in place: the G merged heads replace heads 0..G-1, and the other heads' entries go.
@@ -83,12 +84,6 @@ def merge_per_head(
     if not all(name in tensors for name in names):
         return tensors
     stacked = torch.stack([tensors.pop(name) for name in names])
-    for g, head in enumerate(merge_heads(stacked, groups, method, role_of(pattern), generator)):
+    for g, head in enumerate(merge_heads(stacked, groups, method, role, generator)):
         tensors[pattern.format(j=g)] = head
     return tensors
-
-
-def role_of(name: str) -> str:
-    if "norm" in name:
-        return "norm"
-    return "bias" if name.endswith(".bias") else "weight"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8}
+from gqa.convert.modeldir import config_dtype
 
 
 def head_dim_of(config) -> int:
@@ -20,10 +20,8 @@ def kv_heads_of(config) -> int:
 def kv_cache_bytes_per_token(config, kv_heads: int | None = None, dtype: torch.dtype | None = None) -> int:
     """Bytes the KV cache holds per token: keys and values, every layer, every KV head."""
     kv_heads = kv_heads_of(config) if kv_heads is None else kv_heads
-    dtype = dtype or getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    return 2 * config.num_hidden_layers * kv_heads * head_dim_of(config) * DTYPE_BYTES[dtype]
+    dtype = dtype or config_dtype(config, torch.float32)
+    return 2 * config.num_hidden_layers * kv_heads * head_dim_of(config) * dtype.itemsize
 
 
 def human_bytes(n: float) -> str:

@@ -27,27 +27,33 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
-import torch
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HFValidationError, HfHubHTTPError
 from huggingface_hub.utils import validate_repo_id
-from safetensors import SafetensorError, safe_open
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from gqa.convert import __version__
-from gqa.convert.card import card_problems, read_provenance, render_card
+from gqa.convert.card import card_problems, render_card
 from gqa.convert.errors import GQAError
 from gqa.convert.kvcache import human_bytes, kv_heads_of
+from gqa.convert.modeldir import (
+    CARD_FILE,
+    CONFIG_FILE,
+    SAFETENSORS_FILE,
+    SAFETENSORS_INDEX,
+    meta_tensors,
+    read_provenance,
+    read_safetensors_header,
+    tokenizer_files,
+    write_text_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 # Training leftovers that never belong on the hub. Only top-level files are uploaded at all:
 # checkpoint-*/, runs/ (tensorboard) and other folders stay home.
 NOT_UPLOADED = ("*.pt", "*.pth", "*.bin", "*.tmp*", "optimizer*", "scheduler*", "rng_state*",
                 "trainer_state.json", "training_args*", ".*")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
 @dataclass
@@ -62,23 +68,23 @@ class CheckReport:
 def read_checkpoint_shapes(model_dir: Path, report: CheckReport) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape from the safetensors headers (no tensor is read), checking index vs shards."""
     on_disk = sorted(p.name for p in model_dir.glob("*.safetensors"))
-    index_path = model_dir / INDEX_FILE
+    index_path = model_dir / SAFETENSORS_INDEX
     if index_path.is_file():
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
-            report.problems.append(f"{INDEX_FILE} is not a safetensors index with a weight_map ({err})")
+            report.problems.append(f"{SAFETENSORS_INDEX} is not a safetensors index with a weight_map ({err})")
             return {}
         listed = sorted(set(weight_map.values()))
         for stray in sorted(set(on_disk) - set(listed)):
-            report.problems.append(f"{stray} is not listed in {INDEX_FILE}: a stale shard? remove it or re-save the model")
-    elif (model_dir / SINGLE_FILE).is_file():
-        weight_map, listed = None, [SINGLE_FILE]
-        for stray in sorted(set(on_disk) - {SINGLE_FILE}):
-            report.problems.append(f"{stray} sits beside {SINGLE_FILE} without an index: remove it or re-save the model")
+            report.problems.append(f"{stray} is not listed in {SAFETENSORS_INDEX}: a stale shard? remove it or re-save the model")
+    elif (model_dir / SAFETENSORS_FILE).is_file():
+        weight_map, listed = None, [SAFETENSORS_FILE]
+        for stray in sorted(set(on_disk) - {SAFETENSORS_FILE}):
+            report.problems.append(f"{stray} sits beside {SAFETENSORS_FILE} without an index: remove it or re-save the model")
     else:
         report.problems.append(
-            f"no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}) in {model_dir}; "
+            f"no safetensors weights ({SAFETENSORS_FILE} or {SAFETENSORS_INDEX}) in {model_dir}; "
             "save the model with save_pretrained (gqa convert and gqa train write them)"
         )
         return {}
@@ -87,49 +93,46 @@ def read_checkpoint_shapes(model_dir: Path, report: CheckReport) -> dict[str, tu
     for shard in listed:
         path = model_dir / shard
         if not path.is_file():
-            report.problems.append(f"shard {shard} is listed in {INDEX_FILE} but missing; copy it back or re-save the model")
+            report.problems.append(f"shard {shard} is listed in {SAFETENSORS_INDEX} but missing; copy it back or re-save the model")
             continue
         try:
-            with safe_open(str(path), framework="pt") as f:
-                names = set(f.keys())
-                shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in names})
-        except (SafetensorError, OSError) as err:
-            report.problems.append(f"shard {shard} is unreadable ({err}); it may be truncated: re-save the model")
+            header = read_safetensors_header(path)
+        except GQAError as err:
+            report.problems.append(f"shard {shard} is unreadable: {err}")
             continue
+        names = set(header)
+        shapes.update({name: shape for name, (_, shape, _, _) in header.items()})
         if weight_map is not None:
             expected = {name for name, file in weight_map.items() if file == shard}
             if missing := sorted(expected - names):
-                report.problems.append(f"{INDEX_FILE} puts {len(missing)} tensors in {shard} that it lacks, e.g. {missing[0]}")
+                report.problems.append(f"{SAFETENSORS_INDEX} puts {len(missing)} tensors in {shard} that it lacks, e.g. {missing[0]}")
             if extra := sorted(names - expected):
-                report.problems.append(f"{shard} holds {len(extra)} tensors {INDEX_FILE} does not list, e.g. {extra[0]}")
+                report.problems.append(f"{shard} holds {len(extra)} tensors {SAFETENSORS_INDEX} does not list, e.g. {extra[0]}")
     return shapes
 
 
 def check_against_meta_model(config, shapes: dict[str, tuple[int, ...]], report: CheckReport) -> None:
     """Build the model from its config on the meta device and compare its tensors with the checkpoint's."""
     try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+        model = meta_tensors(config)
     except Exception as err:  # noqa: BLE001 - any failure here means the hub's users could not load it either
         report.problems.append(f"the model does not build from config.json ({type(err).__name__}: {err})")
         return
-    # Tied weights are one Parameter under several names; the checkpoint needs only one of them.
-    by_tensor: dict[int, list[str]] = {}
-    expected: dict[str, tuple[int, ...]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        by_tensor.setdefault(id(tensor), []).append(name)
-        expected[name] = tuple(tensor.shape)
-    for names in by_tensor.values():
+    # Tied weights are one tensor under several names; the checkpoint needs only one of them.
+    names_of: dict[str, list[str]] = {}
+    for name in model.shapes:
+        names_of.setdefault(model.tied.get(name, name), []).append(name)
+    for names in names_of.values():
         if not any(n in shapes for n in names):
             report.problems.append(f"the checkpoint lacks {names[0]} ({len(names)} name(s)), which the model expects")
-    ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
-    unexpected = [n for n in shapes if n not in expected and not any(p.search(n) for p in ignored)]
+    ignored = [re.compile(p) for p in model.ignored]
+    unexpected = [n for n in shapes if n not in model.shapes and not any(p.search(n) for p in ignored)]
     if unexpected:
         report.problems.append(f"the checkpoint holds {len(unexpected)} tensors the model does not use, e.g. {unexpected[0]}")
-    for name in sorted(set(shapes) & set(expected)):
-        if shapes[name] != expected[name]:
+    for name in sorted(set(shapes) & set(model.shapes)):
+        if shapes[name] != model.shapes[name]:
             report.problems.append(
-                f"{name} has shape {list(shapes[name])} in the checkpoint but config.json implies {list(expected[name])}"
+                f"{name} has shape {list(shapes[name])} in the checkpoint but config.json implies {list(model.shapes[name])}"
             )
 
 
@@ -174,7 +177,7 @@ def check_model_dir(model_dir: str | Path) -> tuple[Any, dict[str, Any] | None, 
     """Every check that does not need the card: (config, provenance, report)."""
     model_dir = Path(model_dir)
     report = CheckReport()
-    if not (model_dir / "config.json").is_file():
+    if not (model_dir / CONFIG_FILE).is_file():
         raise GQAError(f"{model_dir} has no config.json: pass the directory gqa convert or gqa train wrote")
     try:
         config = AutoConfig.from_pretrained(str(model_dir))
@@ -187,7 +190,7 @@ def check_model_dir(model_dir: str | Path) -> tuple[Any, dict[str, Any] | None, 
     check_provenance(config, provenance, report)
     if provenance is not None and not (provenance.get("source") or {}).get("hub_id"):
         report.warnings.append("the source has no hub id, so the card names no base_model")
-    if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+    if not tokenizer_files(model_dir):
         report.warnings.append("no tokenizer files: users will need the source's tokenizer to run the model")
     return config, provenance, report
 
@@ -223,10 +226,27 @@ def publish(
         raise GQAError(f"--repo {repo_id!r} is not a valid repository id ({err}); use user/name") from err
     if not model_dir.is_dir():
         raise GQAError(f"{model_dir} is not a directory: pass the model directory gqa convert or gqa train wrote")
+    card_path, warnings = _check_and_write_card(model_dir, repo_id, keep_card)
+    files = files_to_upload(model_dir)
+    result: dict[str, Any] = {
+        "repo_id": repo_id,
+        "private": private,
+        "dry_run": dry_run,
+        "card": str(card_path),
+        "files": [{"name": p.name, "bytes": p.stat().st_size} for p in files],
+        "total_bytes": sum(p.stat().st_size for p in files),
+        "warnings": warnings,
+    }
+    if not dry_run:
+        result.update(_upload(model_dir, repo_id, private, files, api))
+    return result
 
+
+def _check_and_write_card(model_dir: Path, repo_id: str, keep_card: bool) -> tuple[Path, list[str]]:
+    """Every check, the card's claims included; the card is (re)written only when all pass."""
     config, provenance, report = check_model_dir(model_dir)
-    card_path = model_dir / "README.md"
-    config_dict = json.loads((model_dir / "config.json").read_text())
+    card_path = model_dir / CARD_FILE
+    config_dict = json.loads((model_dir / CONFIG_FILE).read_text())
     if keep_card:
         if not card_path.is_file():
             report.problems.append("--keep-card: there is no README.md to keep; drop --keep-card to generate one")
@@ -244,21 +264,11 @@ def publish(
     for warning in report.warnings:
         logger.warning(warning)
     if not keep_card:
-        card_path.write_text(card)
+        write_text_atomic(card_path, card)
+    return card_path, report.warnings
 
-    files = files_to_upload(model_dir)
-    result: dict[str, Any] = {
-        "repo_id": repo_id,
-        "private": private,
-        "dry_run": dry_run,
-        "card": str(card_path),
-        "files": [{"name": p.name, "bytes": p.stat().st_size} for p in files],
-        "total_bytes": sum(p.stat().st_size for p in files),
-        "warnings": report.warnings,
-    }
-    if dry_run:
-        return result
 
+def _upload(model_dir: Path, repo_id: str, private: bool, files: list[Path], api: Any) -> dict[str, Any]:
     if api is None:
         token = get_token()
         if not token:
@@ -273,14 +283,12 @@ def publish(
             # Exact names (escaped: fnmatch would read [ ] as a pattern) so nothing else in DIR goes up.
             allow_patterns=[glob.escape(p.name) for p in files],
             # Shards from an earlier upload with another shard count must not linger beside the new ones.
-            delete_patterns=["*.safetensors", INDEX_FILE],
+            delete_patterns=["*.safetensors", SAFETENSORS_INDEX],
             commit_message=f"Upload {model_dir.name} with gqa {__version__}",
         )
     except HfHubHTTPError as err:
         raise GQAError(f"the hub refused the upload to {repo_id} ({err}); check the token's write access and the repo name") from err
-    result["url"] = str(url)
-    result["commit_url"] = getattr(commit, "commit_url", None)
-    return result
+    return {"url": str(url), "commit_url": getattr(commit, "commit_url", None)}
 
 
 # --------------------------------------------------------------------------------------------- CLI

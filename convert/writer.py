@@ -25,7 +25,7 @@ from typing import BinaryIO
 
 import torch
 
-from gqa.convert.checkpoint import SAFETENSORS_DTYPES, SAFETENSORS_INDEX
+from gqa.convert.modeldir import SAFETENSORS_DTYPES, SAFETENSORS_INDEX
 
 RELEASE_STEP_BYTES = 64 * 2**20
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}

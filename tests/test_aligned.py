@@ -16,7 +16,7 @@ from tiny import (
 )
 
 from gqa.convert.aligned import join_qkvo, split_qkvo
-from gqa.convert.card import read_provenance
+from gqa.convert.modeldir import read_provenance
 from gqa.convert.convert import ConvertOptions, convert
 from gqa.convert.families import ATTENTION_PREFIX, family_for, geometry_of
 from gqa.convert.grouping import head_distances, permute_heads, similarity_groups

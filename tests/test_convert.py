@@ -12,8 +12,8 @@ from safetensors import safe_open
 from tiny import ENGLISH, FAMILY_TYPES, build_family_model, expand_kv_heads, logits_of, save_char_tokenizer, save_model
 from transformers import AutoModelForCausalLM
 
-from gqa.convert import checkpoint, writer
-from gqa.convert.card import read_provenance
+from gqa.convert import modeldir, writer
+from gqa.convert.modeldir import read_provenance
 from gqa.convert.convert import ConvertOptions, convert
 from gqa.convert.options import parse_size
 from gqa.convert.families import family_for
@@ -159,8 +159,8 @@ def test_page_cache_release_leaves_the_output_bit_identical(tmp_path, monkeypatc
         return real_fadvise(fd, offset, length, advice)
 
     monkeypatch.setattr(os, "posix_fadvise", spy)
-    monkeypatch.setattr(checkpoint, "RELEASE_LAG_BYTES", 0)
-    monkeypatch.setattr(checkpoint, "RELEASE_STEP_BYTES", 1)
+    monkeypatch.setattr(modeldir, "RELEASE_LAG_BYTES", 0)
+    monkeypatch.setattr(modeldir, "RELEASE_STEP_BYTES", 1)
     monkeypatch.setattr(writer, "RELEASE_STEP_BYTES", 1)
     out = convert(str(src), tmp_path / "out", ConvertOptions(kv_heads=4, allow_same=True, shard_size=parse_size("30KB"))).out_dir
     assert {"src", "out"} <= set(released)  # the source's shards and the staged output's
@@ -181,7 +181,7 @@ def test_tensor_byte_offsets_match_the_safetensors_header(tmp_path):
     header_len = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + header_len])
     header.pop("__metadata__", None)
-    index = checkpoint.CheckpointIndex(src)
+    index = modeldir.CheckpointIndex(src)
     for name, entry in header.items():
         start, end = entry["data_offsets"]
         info = index.tensors[name]

@@ -13,7 +13,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from gqa.convert.card import read_provenance, write_model_card, write_provenance
+from gqa.convert.card import write_model_card
+from gqa.convert.modeldir import read_provenance, write_provenance
 from gqa.train.cli import main
 from gqa.convert.errors import GQAError
 from gqa.train.evaluate import _PeakMemory, chunk_tokens, evaluate, peak_of_running_sum
@@ -109,11 +110,11 @@ def full(setup):
     return results, report
 
 
-def test_chunking_is_non_overlapping_and_keeps_the_short_tail():
-    assert chunk_tokens(list(range(10)), 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert chunk_tokens(list(range(10)), 4, bos_id=99) == [[99, 0, 1, 2], [99, 3, 4, 5], [99, 6, 7, 8], [99, 9]]
-    # A one-token tail predicts nothing and is dropped.
-    assert chunk_tokens(list(range(9)), 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+def test_chunking_is_non_overlapping_and_drops_the_short_tail():
+    assert chunk_tokens(list(range(10)), 4).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert chunk_tokens(list(range(10)), 4, bos_id=99).tolist() == [[99, 0, 1, 2], [99, 3, 4, 5], [99, 6, 7, 8]]
+    # Every window is full, as training's blocks are: no padding enters a perplexity.
+    assert chunk_tokens(list(range(9)), 4).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
     with pytest.raises(GQAError, match="too short"):
         chunk_tokens([1, 2, 3], 1)
 
@@ -130,14 +131,14 @@ def test_memorised_text_has_lower_perplexity(setup):
 def test_perplexity_matches_the_models_own_loss(setup):
     """Same windows scored through transformers' built-in loss give the same perplexity."""
     results = evaluate(setup["base"], None, [setup["b"]], SEQ_LEN, contexts=(), update_card=False, progress=False)
-    ids = setup["tok"](setup["b"].read_text(), add_special_tokens=False)["input_ids"]
+    # One document (one paragraph): its tokens, then EOS.
+    ids = setup["tok"](setup["b"].read_text(), add_special_tokens=False)["input_ids"] + [setup["tok"].eos_token_id]
     model = AutoModelForCausalLM.from_pretrained(setup["base"]).eval()
     nll, predicted = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(ids), SEQ_LEN):  # the tokenizer adds no BOS: windows are plain slices
+        # The tokenizer adds no BOS: windows are plain slices; the tail shorter than a window is not scored.
+        for start in range(0, len(ids) - SEQ_LEN + 1, SEQ_LEN):
             window = torch.tensor([ids[start : start + SEQ_LEN]])
-            if window.shape[1] < 2:
-                continue
             nll += model(window, labels=window).loss.item() * (window.shape[1] - 1)
             predicted += window.shape[1] - 1
     assert results["data"]["predicted_tokens"] == predicted

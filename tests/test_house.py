@@ -11,6 +11,7 @@ import ast
 from pathlib import Path
 
 import pytest
+from tiny import FAMILY_TYPES, build_family_model
 
 REPO = Path(__file__).resolve().parent.parent
 FLOORS = {"convert": "gqa.convert", "train": "gqa.train"}
@@ -47,3 +48,24 @@ def test_the_command_table_is_the_only_one():
     from gqa.train.cli import SUBCOMMANDS
 
     assert set(SUBCOMMANDS) == {"convert", "inspect", "train", "recipes", "eval", "publish", "demo"}
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_which_parameters_train_comes_from_the_family_table(model_type):
+    from gqa.convert.errors import GQAError
+    from gqa.convert.families import family_for
+    from gqa.train.params import trainable_names
+
+    model = build_family_model(model_type, kv=2)
+    family = family_for(model_type)
+    names = {name for name, _ in model.named_parameters()}
+    assert trainable_names(model, "all") == names
+    assert trainable_names(model, "attention") == {n for n in names if ".self_attn." in n}
+    if family.fused_qkv:
+        with pytest.raises(GQAError, match="fuses queries, keys and values"):
+            trainable_names(model, "kv")
+        return
+    kv = trainable_names(model, "kv")
+    assert kv and all(n.split(".self_attn.")[1].split(".")[0] in family.kv_modules for n in kv)
+    assert {n for n in names if ".self_attn.k_proj." in n or ".self_attn.v_proj." in n} <= kv
+    assert not any(".q_proj." in n or ".o_proj." in n or ".dense." in n for n in kv)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny import ENGLISH, FAMILY_TYPES, build_family_model, expand_kv_heads, logits_of, save_char_tokenizer, save_model
+from tiny import ENGLISH, FAMILY_TYPES, build_family_model, expand_kv_heads, logits_of, save_char_tokenizer
 from transformers import AutoModelForCausalLM
 
 from gqa.convert.convert import ConvertOptions, convert

@@ -13,7 +13,8 @@ from huggingface_hub.utils import filter_repo_objects
 from transformers import AutoModelForCausalLM
 
 import gqa.convert.publish as publish_module
-from gqa.convert.card import GQA_CITATION, split_front_matter, write_model_card, write_provenance
+from gqa.convert.card import GQA_CITATION, split_front_matter, write_model_card
+from gqa.convert.modeldir import write_provenance
 from gqa.train.cli import main
 from gqa.convert.errors import GQAError
 from gqa.convert.publish import publish

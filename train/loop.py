@@ -29,13 +29,15 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, get_scheduler
 
 from gqa.convert import __version__
+from gqa.convert.card import write_model_card
 from gqa.convert.errors import GQAError
+from gqa.convert.perplexity import perplexity, summed_loss
+from gqa.convert.modeldir import DTYPES, config_dtype, dtype_name, now, provenance_of, write_provenance
 from gqa.train import rundir
 from gqa.train.dataset import PreparedData, make_collate, prepare_data, training_order
-from gqa.train.losses import IGNORE_INDEX, distillation_loss, sequence_token_losses
+from gqa.train.losses import IGNORE_INDEX, distillation_loss
 from gqa.train.params import select_trainable
 from gqa.train.plan import TrainingPlan, plan_training
-from gqa.train.provenance import load_provenance, now, write_card, write_provenance
 from gqa.train.recipe import Recipe, flat_items
 
 logger = logging.getLogger(__name__)
@@ -206,7 +208,7 @@ class _Run:
 
     def _load_teacher(self, student: PreTrainedModel) -> PreTrainedModel:
         # The teacher is frozen and replicated on every process (it is not sharded by FSDP/ZeRO).
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.recipe.precision]
+        dtype = DTYPES[self.recipe.precision]
         teacher = AutoModelForCausalLM.from_pretrained(self.recipe.model.teacher, dtype=dtype)
         if teacher.config.vocab_size != student.config.vocab_size:
             raise GQAError(
@@ -359,19 +361,11 @@ class _Run:
     def _evaluate(self, step: int) -> dict[str, float]:
         """Perplexity on the held-out blocks: token-weighted mean loss over every process's share."""
         self.model.eval()
-        loss_sum = torch.zeros((), device=self.accelerator.device, dtype=torch.float64)
-        token_count = torch.zeros((), device=self.accelerator.device, dtype=torch.float64)
-        for batch in self.eval_loader:
-            labels = batch.pop("labels")
-            logits = self.model(**batch).logits
-            sums, counts = sequence_token_losses(logits, labels)
-            # gather_for_metrics drops the samples accelerate repeats to even out the last batch
-            sums, counts = self.accelerator.gather_for_metrics((sums, counts))
-            loss_sum += sums.double().sum()
-            token_count += counts.double().sum()
+        # gather_for_metrics drops the samples accelerate repeats to even out the last batch
+        loss_sum, tokens = summed_loss(self.model, self.eval_loader, self.accelerator.gather_for_metrics)
         self.model.train()
-        loss = (loss_sum / token_count).item()
-        result = {"step": step, "loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(token_count.item())}
+        loss = loss_sum / tokens
+        result = {"step": step, "loss": loss, "perplexity": perplexity(loss), "tokens": tokens}
         self.accelerator.log({"eval/loss": loss, "eval/perplexity": result["perplexity"]}, step=step)
         if self.main:
             self._append_metrics({"step": step, "eval_loss": loss, "eval_perplexity": result["perplexity"]})
@@ -410,14 +404,14 @@ class _Run:
                 self.output_dir, state_dict=state_dict, max_shard_size=recipe.output.max_shard_size, is_main_process=True
             )
             # save_pretrained records the in-memory (fp32) dtype; the files hold out_dtype.
-            unwrapped.config.dtype = str(out_dtype).removeprefix("torch.")
+            unwrapped.config.dtype = dtype_name(out_dtype)
             unwrapped.config.save_pretrained(self.output_dir)
             tokenizer_dir = recipe.model.tokenizer or recipe.model.path
             AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(self.output_dir)
-            provenance = load_provenance(recipe.model.path, unwrapped.config)
+            provenance = provenance_of(recipe.model.path, unwrapped.config)
             provenance["training"] = self._training_record(final_eval)
             write_provenance(self.output_dir, provenance)
-            write_card(self.output_dir)
+            write_model_card(self.output_dir)
             rundir.write_run_file(
                 self.output_dir, recipe, self.recipe_file, status="finished", steps=self.progress.step,
                 tokens_seen=self.progress.tokens_seen, final_eval=final_eval,
@@ -546,11 +540,8 @@ def _parameter_groups(model: PreTrainedModel, weight_decay: float) -> list[dict[
 
 def _output_dtype(recipe: Recipe) -> torch.dtype:
     if recipe.output.dtype != "auto":
-        return getattr(torch, recipe.output.dtype)
-    source = getattr(AutoConfig.from_pretrained(recipe.model.path), "dtype", None)
-    if isinstance(source, str):
-        source = getattr(torch, source, None)
-    return source if isinstance(source, torch.dtype) else torch.float32
+        return DTYPES[recipe.output.dtype]
+    return config_dtype(AutoConfig.from_pretrained(recipe.model.path), torch.float32)
 
 
 def _cast_state_dict(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

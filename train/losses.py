@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from gqa.convert.perplexity import IGNORE_INDEX
 
 
 def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,16 +35,6 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items: int | None = 
     if num_items is None:
         return F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=IGNORE_INDEX)
     return F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=IGNORE_INDEX, reduction="sum") / num_items
-
-
-def sequence_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sequence: summed next-token cross-entropy and the number of predicted tokens (for perplexity)."""
-    batch, length, vocab = logits.shape
-    per_token = F.cross_entropy(
-        logits[:, :-1, :].float().reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view(batch, length - 1)
-    counted = labels[:, 1:] != IGNORE_INDEX
-    return (per_token * counted).sum(dim=1), counted.sum(dim=1)
 
 
 def distillation_kl(

@@ -73,7 +73,7 @@ def markdown_table(results: dict[str, Any]) -> str:
     lines += [
         "",
         f"Perplexity on {data['predicted_tokens']} predicted tokens of {', '.join(data['names'])} "
-        f"({data['chunks']} windows of up to {data['seq_len']} tokens); {results['dtype']} on {results['device']}.",
+        f"({data['chunks']} windows of {data['seq_len']} tokens); {results['dtype']} on {results['device']}.",
     ]
     contexts = sorted({d["context"] for m in models for d in m["decode"]})
     if contexts:

@@ -1,30 +1,47 @@
-"""Where a checkpoint's tensors are, without loading them.
+"""The one model-directory layer: everything that reads or writes a model directory goes through here.
 
-`resolve_source` turns a local directory, a hub id or a .gguf file into a local directory;
-`CheckpointIndex` maps every tensor name to its file, dtype and shape, and reads one tensor at a
-time. Safetensors files are opened per read and closed again, so memory-mapped pages never pile
-up in the resident set, and the source's pages behind the read position are handed back to the
-kernel; a `pytorch_model*.bin` shard is loaded (memory-mapped) one at a time.
+File names; where a checkpoint's tensors are (`CheckpointIndex`: every tensor name to its file, dtype
+and shape, read one tensor at a time, without loading the model); safetensors headers; the tensors a
+config implies, with tied names, built on the meta device; tokenizer files; dtype names; where a
+source comes from (`resolve_source`: a local directory, a hub id or a .gguf file); and the provenance
+file, written atomically. The converter, the trainer, eval and publish are its clients.
+
+Safetensors files are opened per read and closed again, so memory-mapped pages never pile up in the
+resident set, and the source's pages behind the read position are handed back to the kernel; a
+`pytorch_model*.bin` shard is loaded (memory-mapped) one at a time.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from gqa.convert import __version__
 from gqa.convert.errors import GQAError
 
 log = logging.getLogger(__name__)
 
+CONFIG_FILE = "config.json"
+SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_FILE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
+PROVENANCE_FILE = "gqa_provenance.json"
+CARD_FILE = "README.md"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
+TOKENIZER_FILE = re.compile(
+    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|.*\.model|chat_template.*)$"
+)
 RELEASE_LAG_BYTES = 256 * 2**20  # source pages this far behind the read position are released
 RELEASE_STEP_BYTES = 64 * 2**20  # in steps of this much
 SAFETENSORS_DTYPES = {
@@ -32,6 +49,119 @@ SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }  # fmt: skip
+# Floating dtypes by every name gqa accepts: the short ones of its flags and recipes (bf16), and
+# config.json's (bfloat16). dtype_name() gives config.json's spelling back.
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}  # fmt: skip
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """config.json's name of a dtype: bfloat16, float16, float32."""
+    return str(dtype).removeprefix("torch.")
+
+
+def config_dtype(config, default: torch.dtype | None = None) -> torch.dtype | None:
+    """The dtype a config says its weights have (`dtype`, or the older `torch_dtype`), or `default`."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    dtype = get("dtype") or get("torch_dtype")
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype)
+    return dtype if isinstance(dtype, torch.dtype) else default
+
+
+def tokenizer_files(model_dir: str | Path) -> list[Path]:
+    """The tokenizer's files in a model directory (vocabulary, merges, settings, chat template)."""
+    return sorted(p for p in Path(model_dir).iterdir() if p.is_file() and TOKENIZER_FILE.match(p.name))
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a file so that a reader sees the old content or the new, never a part of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def read_provenance(model_dir: str | Path) -> dict[str, Any] | None:
+    """The record of how a model was made (gqa_provenance.json), or None for a model gqa did not write."""
+    path = Path(model_dir) / PROVENANCE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_provenance(model_dir: str | Path, provenance: dict[str, Any]) -> Path:
+    return write_text_atomic(Path(model_dir) / PROVENANCE_FILE, json.dumps(provenance, indent=2) + "\n")
+
+
+def provenance_of(model_dir: str | Path, config) -> dict[str, Any]:
+    """The model's provenance, or a minimal one that names it as the source, for models not made by gqa."""
+    return read_provenance(model_dir) or {
+        "gqa_version": __version__,
+        "created": now(),
+        "source": {
+            "id": str(model_dir),
+            "kind": "local",
+            "model_type": getattr(config, "model_type", None),
+            "num_attention_heads": getattr(config, "num_attention_heads", None),
+            "num_key_value_heads": getattr(config, "num_key_value_heads", None),
+        },
+        "conversion": None,  # not converted by gqa
+        "training": None,
+        "eval": None,
+    }
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """Each tied parameter name -> the first name of the same tensor (checkpoints store one of them)."""
+    first_name_of: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first_name_of:
+            tied[name] = first_name_of[id(param)]
+        else:
+            first_name_of[id(param)] = name
+    return tied
+
+
+def same_tensor(name: str, tied: dict[str, str]) -> list[str]:
+    """Every name of the tensor called `name` (itself first), given tied_names()."""
+    root = tied.get(name, name)
+    return [name] + [n for n in (root, *(k for k, v in tied.items() if v == root)) if n != name]
+
+
+@dataclass(frozen=True)
+class MetaTensors:
+    """The tensors the transformers model for a config saves, known without building any weights."""
+
+    shapes: dict[str, tuple[int, ...]]  # every saved name, tied names included
+    tied: dict[str, str]  # each tied name -> the first name of the same tensor
+    ignored: tuple[str, ...]  # patterns of stored names transformers drops silently on load
+
+
+def meta_tensors(config) -> MetaTensors:
+    """Build the model for `config` on the meta device (no memory) and read its tensors."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict(keep_vars=True).items()}
+    ignored = tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    return MetaTensors(shapes, tied_names(model), ignored)
+
+
+def from_pretrained_args(source: str | Path) -> tuple[str, dict[str, str]]:
+    """What transformers' from_pretrained takes for a source: a .gguf file loads through its GGUF
+    reader (dequantised), anything else (a directory, a hub id) as it is."""
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return str(path.parent), {"gguf_file": path.name}
+    return str(source), {}
 
 
 @dataclass(frozen=True)
@@ -130,7 +260,7 @@ class CheckpointIndex:
 
     def _weight_files(self) -> list[Path]:
         d = self.model_dir
-        for index_name, single in ((SAFETENSORS_INDEX, "model.safetensors"), (BIN_INDEX, "pytorch_model.bin")):
+        for index_name, single in ((SAFETENSORS_INDEX, SAFETENSORS_FILE), (BIN_INDEX, BIN_FILE)):
             index = d / index_name
             if index.is_file():
                 try:
@@ -146,7 +276,7 @@ class CheckpointIndex:
                 return [d / single]
         found = sorted(p.name for p in d.iterdir())
         raise GQAError(
-            f"no weights in {d}: expected model.safetensors, {SAFETENSORS_INDEX}, pytorch_model.bin or "
+            f"no weights in {d}: expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX}, {BIN_FILE} or "
             f"{BIN_INDEX}. Found: {', '.join(found) or 'nothing'}."
         )
 
@@ -205,10 +335,6 @@ class CheckpointIndex:
         finally:
             os.close(fd)
         self._released[info.file] = behind
-
-    def total_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.files)
-
 
 def read_safetensors_header(file: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
     """name -> (dtype, shape, position in the file, byte offset of its data), validated by the
