@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gqa.convert.modeldir import CheckpointIndex, same_tensor, tied_names
 from gqa.convert.errors import GQAError
-from gqa.convert.families import ATTENTION_PREFIX, Family, Geometry
+from gqa.convert.families import ATTENTION_MODULE, ATTENTION_PREFIX, LAYER_PREFIX, Family, Geometry
 from gqa.convert.text import chunk_tokens, leading_bos, text_documents, token_stream
 
 log = logging.getLogger(__name__)
@@ -258,7 +258,7 @@ def layerwise_aligned_merge(
     for i in tqdm(range(geometry.layers), desc="aligning", unit="layer", disable=None):
         src_layer, conv_layer = src_base.layers[i], conv_base.layers[i]
         attention_prefix = ATTENTION_PREFIX.format(i=i)
-        _materialise(source, src_layer, read_source, f"{prefix}layers.{i}.", device)
+        _materialise(source, src_layer, read_source, LAYER_PREFIX.format(i=i), device)
         seen = _run_source_layer(src_layer, o_module, source_stream, converted_stream, layer_kwargs[i])
         src_layer.to_empty(device="meta")
         tensors = {
@@ -271,7 +271,7 @@ def layerwise_aligned_merge(
                 return merged[name[len(attention_prefix) :]]
             return read_source(name)
 
-        _materialise(converted, conv_layer, read_converted, f"{prefix}layers.{i}.", device)
+        _materialise(converted, conv_layer, read_converted, LAYER_PREFIX.format(i=i), device)
         if refit_output:
             weight, bias = _refit_in_place(conv_layer, o_module, converted_stream, layer_kwargs[i], seen)
             merged[family.o_proj] = weight.to("cpu", torch.float32)
@@ -279,11 +279,11 @@ def layerwise_aligned_merge(
                 merged[family.o_proj.replace(".weight", ".bias")] = bias.to("cpu", torch.float32)
         if refine_steps:
             before, after = refine_attention(
-                conv_layer.self_attn, seen.attention_input, seen.attention_call, seen.output(), refine_steps, refine_lr,
+                conv_layer.get_submodule(ATTENTION_MODULE), seen.attention_input, seen.attention_call, seen.output(), refine_steps, refine_lr,
                 refine_batch,
             )  # fmt: skip
             log.info("layer %d: attention output error %.4f -> %.4f", i, before, after)
-            for name, param in conv_layer.self_attn.named_parameters():
+            for name, param in conv_layer.get_submodule(ATTENTION_MODULE).named_parameters():
                 merged[name] = param.detach().to("cpu", torch.float32)
         with torch.no_grad():
             converted_stream = _output(conv_layer(converted_stream, **layer_kwargs[i]))
@@ -316,8 +316,9 @@ def _run_source_layer(layer, o_module: str, source_stream, converted_stream, kwa
     attention_inputs: list[torch.Tensor] = []
     head_outputs: list[torch.Tensor] = []
     calls: list[dict] = []
-    o_proj = layer.self_attn.get_submodule(o_module)
-    hooks = [_capture(layer.self_attn, attention_inputs, calls), _capture(o_proj, head_outputs)]
+    attention = layer.get_submodule(ATTENTION_MODULE)
+    o_proj = attention.get_submodule(o_module)
+    hooks = [_capture(attention, attention_inputs, calls), _capture(o_proj, head_outputs)]
     with torch.no_grad():
         next_source = _output(layer(source_stream, **kwargs))
         layer(converted_stream, **kwargs)
@@ -338,7 +339,7 @@ def _run_source_layer(layer, o_module: str, source_stream, converted_stream, kwa
 def _refit_in_place(layer, o_module: str, converted_stream, kwargs: dict, seen: _SourceLayer):
     """Refit the merged layer's o_proj (see refit_output_projection) and load it into the layer."""
     merged_outputs: list[torch.Tensor] = []
-    o_proj = layer.self_attn.get_submodule(o_module)
+    o_proj = layer.get_submodule(ATTENTION_MODULE).get_submodule(o_module)
     hook = _capture(o_proj, merged_outputs)
     with torch.no_grad():
         layer(converted_stream, **kwargs)

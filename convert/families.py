@@ -110,7 +110,9 @@ FAMILIES: tuple[Family, ...] = (
     ),
 )
 
-ATTENTION_PREFIX = "model.layers.{i}.self_attn."
+LAYER_PREFIX = "model.layers.{i}."  # where each decoder layer's tensors live
+ATTENTION_MODULE = "self_attn"  # the layer's attention block
+ATTENTION_PREFIX = f"{LAYER_PREFIX}{ATTENTION_MODULE}."
 _ATTENTION_NAME = re.compile(re.escape(ATTENTION_PREFIX).replace(r"\{i\}", r"(\d+)"))
 
 

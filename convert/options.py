@@ -12,14 +12,14 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Callable
 
-import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from gqa.convert.errors import GQAError
+from gqa.convert.modeldir import DTYPES as DTYPE_BY_NAME
 from gqa.convert.heads import METHOD_HELP, METHODS
 
 GROUPINGS = ("contiguous", "similarity")
-DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"auto": None, **{name: DTYPE_BY_NAME[name] for name in ("bf16", "fp16", "fp32")}}  # --dtype's choices
 SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
 

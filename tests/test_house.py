@@ -1,8 +1,10 @@
-"""The shape of the house: imports point one way, and the command table is in one place.
+"""The shape of the house: imports point one way, architecture facts come from the family table, and
+the command table is in one place.
 
 gqa.convert is the lower floor (model directories, families, text, conversion, publishing); gqa.train
 is the upper floor (recipes, uptraining, evaluation, the demo and the `gqa` command table). Nothing
-on the lower floor may import the upper one, not even inside a function.
+on the lower floor may import the upper one, not even inside a function; within the lower floor, the
+foundation (model directories, families, text) imports nothing of the conversion built on it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,18 @@ def modules_of(folder: str) -> list[Path]:
 def test_the_lower_floor_imports_nothing_from_the_upper_one(path):
     upward = sorted(name for name in imported_modules(path) if name == "gqa.train" or name.startswith("gqa.train."))
     assert not upward, f"convert/{path.name} imports {upward}: gqa.convert must not know about gqa.train"
+
+
+# The ground the conversion stands on: it knows nothing of merging, writing, publishing or commands.
+FOUNDATION = {"__init__", "errors", "modeldir", "families", "kvcache", "text", "perplexity", "corpus"}
+
+
+@pytest.mark.parametrize("name", sorted(FOUNDATION), ids=str)
+def test_the_foundation_imports_only_the_foundation(name):
+    modules = {p.stem for p in modules_of("convert")}
+    imported = {n.removeprefix("gqa.convert.").split(".")[0] for n in imported_modules(REPO / "convert" / f"{name}.py")
+                if n.startswith("gqa.convert.")} & modules  # fmt: skip
+    assert imported <= FOUNDATION, f"convert/{name}.py imports {sorted(imported - FOUNDATION)} from above the foundation"
 
 
 def test_the_command_table_is_the_only_one():

@@ -23,13 +23,7 @@ from train_helpers import REPO, TRAIN_MODULES, docs_text, make_model, save_token
 RECIPE = REPO / "recipes" / "tiny-cpu.yaml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices gain nothing from threads, and on a shared machine the threads wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ import torch
 
 from gqa.convert.errors import GQAError
 from gqa.convert import corpus
+from gqa.convert.modeldir import tokenizer_files
 from gqa.convert.text import chunk_tokens, document_window, encode_documents, leading_bos
 from gqa.train.recipe import DataSection
 
@@ -35,10 +36,6 @@ logger = logging.getLogger(__name__)
 STDLIB_SOURCE = corpus.NAME
 CACHE_FORMAT = 2  # bump when the layout of cached blocks changes
 FILE_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-    "merges.txt", "vocab.txt", "added_tokens.json",
-)
 
 
 @dataclass(frozen=True)
@@ -311,11 +308,8 @@ def _cache_key(data: DataSection, train_sources, eval_sources, tokenizer, tokeni
 
 
 def _tokenizer_fingerprint(tokenizer, tokenizer_dir) -> dict[str, Any]:
-    files = {}
-    for name in TOKENIZER_FILES:
-        path = Path(tokenizer_dir) / name
-        if path.is_file():
-            files[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    local = Path(tokenizer_dir).is_dir()  # a hub id's files are pinned by the hub's own cache
+    files = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in tokenizer_files(tokenizer_dir)} if local else {}
     return {"class": type(tokenizer).__name__, "files": files, "eos": tokenizer.eos_token_id, "bos": tokenizer.bos_token_id}
 
 

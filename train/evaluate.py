@@ -40,7 +40,15 @@ from transformers.generation.streamers import BaseStreamer
 
 from gqa.convert import __version__
 from gqa.convert.card import write_model_card
-from gqa.convert.modeldir import CONFIG_FILE, config_dtype, from_pretrained_args, read_provenance, write_provenance
+from gqa.convert.modeldir import (
+    CARD_FILE,
+    CONFIG_FILE,
+    config_dtype,
+    dtype_name,
+    from_pretrained_args,
+    read_provenance,
+    write_provenance,
+)
 from gqa.convert.modeldir import DTYPES as DTYPE_BY_NAME
 from gqa.convert.errors import GQAError
 from gqa.convert.kvcache import human_bytes, kv_cache_bytes_per_token, kv_heads_of
@@ -381,34 +389,13 @@ def evaluate(
     if new_tokens < 2:
         raise GQAError(f"--new-tokens {new_tokens}: decode speed needs at least 2 new tokens")
     documents = read_documents(data_files)
-    tok = load_tokenizer(model, tokenizer)
-    if baseline is not None:
-        _check_same_tokenizer(tok, baseline)
-    else:
-        source = ((read_provenance(model) or {}).get("source") or {}).get("id")
-        logger.info("no --baseline: MODEL is measured alone%s", f" (its source: --baseline {source})" if source else "")
-
-    models = [("model", model, load_model(model, device, dtype, "model"))]
-    if baseline is not None:
-        models.append(("baseline", baseline, load_model(baseline, device, dtype, "baseline")))
-    known = [p for p in (_max_positions(m) for _, _, m in models) if p]
-    limit = min(known) if known else None  # the shorter of the two models' position limits
+    tok, models, limit = _load_models(model, baseline, tokenizer, device, dtype)
     if limit is not None and seq_len > limit:
         raise GQAError(f"--seq-len {seq_len} is longer than the model allows ({limit} positions); pass --seq-len {limit} or less")
-
-    stream = token_stream(tok, documents, max_tokens)
-    bos = leading_bos(tok)
-    windows = chunk_tokens(stream, seq_len, bos)
-    if not len(windows):
-        raise GQAError(
-            f"the --data text holds {len(stream)} tokens, fewer than one window of --seq-len {seq_len}; "
-            "pass more held-out text or a smaller --seq-len"
-        )
-    logger.info("evaluating on %d tokens in %d windows of %d", len(stream), len(windows), seq_len)
+    stream, windows, bos = _held_out_windows(tok, documents, seq_len, max_tokens)
     scores = score_windows(models[0][2], windows, device, models[1][2] if baseline is not None else None,
-                           batch_size, progress)
+                           batch_size, progress)  # fmt: skip
 
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     if contexts is None:
         contexts = DEFAULT_CONTEXTS["cuda" if device.type == "cuda" else "cpu"]
     usable = [c for c in sorted(set(contexts)) if limit is None or c + new_tokens <= limit]
@@ -416,51 +403,38 @@ def evaluate(
     if skipped:
         logger.info("decode contexts %s skipped: context + %d new tokens exceeds %s positions", skipped, new_tokens, limit)
     kv_context = kv_context or limit or seq_len
-
-    results_models = []
-    with tqdm(total=len(models) * (1 + len(usable)), desc="KV cache + decode", unit="run", disable=not progress) as bar:
-        for role, source, m in models:
-            entry = {
-                "role": role,
-                "name": _name(source),
-                "source": str(source),
-                "model_type": m.config.model_type,
-                "num_attention_heads": m.config.num_attention_heads,
-                "kv_heads": kv_heads_of(m.config),
-                "num_parameters": sum(p.numel() for p in m.parameters()),
-                **scores[role],
-            }
-            entry["kv_cache"] = measure_kv_cache(m, _prompt(stream, 16, device), pad_id, kv_context)
-            bar.update()
-            _greedy(m, _prompt(stream, 8, device), 2, pad_id)  # warm-up: first-call overheads out of the timings
-            entry["decode"] = []
-            for context in usable:
-                bar.set_postfix(model=role, context=context)
-                entry["decode"].append(measure_decode(m, _prompt(stream, context, device), new_tokens, pad_id))
-                bar.update()
-            results_models.append(entry)
-
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    entries = [{**_describe(role, source, m), **scores[role]} for role, source, m in models]
+    _measure_memory_and_speed(models, entries, stream, device, pad_id, kv_context, usable, new_tokens, progress)
     if baseline is not None:
-        for mine, theirs in zip(results_models[0]["decode"], results_models[1]["decode"]):
-            # How many greedy tokens the model produces before it first departs from the baseline.
-            same = 0
-            for a, b in zip(mine["generated"], theirs["generated"]):
-                if a != b:
-                    break
-                same += 1
-            mine["same_greedy_prefix_as_baseline"] = same
+        _count_agreeing_tokens(entries[0]["decode"], entries[1]["decode"])
 
-    results: dict[str, Any] = {
+    results = _results(device, dtype, data_files, documents, stream, windows, bos, scores, kv_context, new_tokens,
+                       skipped, entries)  # fmt: skip
+    results["markdown"] = report.markdown_table(results)
+    metrics_path = Path(model) / report.METRICS_FILE
+    metrics = report.read_metrics(metrics_path) if metrics_path.is_file() else None
+    if report_dir is not None:
+        results["report_files"] = report.write_report(results, report_dir, metrics)
+    if update_card and read_provenance(model) is not None:
+        store_in_provenance(model, results)
+        results["card_updated"] = str(Path(model) / CARD_FILE)
+    return results
+
+
+def _results(device, dtype, data_files, documents, stream, windows, bos, scores, kv_context, new_tokens, skipped, entries):
+    """The results dict `gqa eval` returns and writes as eval.json."""
+    return {
         "gqa_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": device.type,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": dtype_name(dtype),
         "data": {
             "files": [str(p) for p in data_files],
             "names": [Path(p).name for p in data_files],
             "documents": len(documents),
             "tokens": len(stream),
-            "seq_len": seq_len,
+            "seq_len": windows.shape[1],
             "bos_per_window": bos is not None,
             "chunks": len(windows),
             "predicted_tokens": scores["predicted_tokens"],
@@ -471,17 +445,74 @@ def evaluate(
         "peak_memory_kind": "torch.cuda.max_memory_allocated above the level before generate"
         if device.type == "cuda" else "tensor memory allocated above the level before generate (torch CPU allocator events via torch.profiler, a separate untimed run)",
         "agreement": scores.get("agreement"),
-        "models": results_models,
+        "models": entries,
     }
-    results["markdown"] = report.markdown_table(results)
-    metrics_path = Path(model) / report.METRICS_FILE
-    metrics = report.read_metrics(metrics_path) if metrics_path.is_file() else None
-    if report_dir is not None:
-        results["report_files"] = report.write_report(results, report_dir, metrics)
-    if update_card and read_provenance(model) is not None:
-        store_in_provenance(model, results)
-        results["card_updated"] = str(Path(model) / "README.md")
-    return results
+
+
+def _load_models(model, baseline, tokenizer, device, dtype):
+    """The tokenizer (checked against the baseline's), the models by role, and the shorter of their
+    position limits (None when neither says)."""
+    tok = load_tokenizer(model, tokenizer)
+    if baseline is not None:
+        _check_same_tokenizer(tok, baseline)
+    else:
+        source = ((read_provenance(model) or {}).get("source") or {}).get("id")
+        logger.info("no --baseline: MODEL is measured alone%s", f" (its source: --baseline {source})" if source else "")
+    models = [("model", model, load_model(model, device, dtype, "model"))]
+    if baseline is not None:
+        models.append(("baseline", baseline, load_model(baseline, device, dtype, "baseline")))
+    known = [p for p in (_max_positions(m) for _, _, m in models) if p]
+    return tok, models, min(known) if known else None
+
+
+def _held_out_windows(tok, documents: list[str], seq_len: int, max_tokens: int | None):
+    stream = token_stream(tok, documents, max_tokens)
+    bos = leading_bos(tok)
+    windows = chunk_tokens(stream, seq_len, bos)
+    if not len(windows):
+        raise GQAError(
+            f"the --data text holds {len(stream)} tokens, fewer than one window of --seq-len {seq_len}; "
+            "pass more held-out text or a smaller --seq-len"
+        )
+    logger.info("evaluating on %d tokens in %d windows of %d", len(stream), len(windows), seq_len)
+    return stream, windows, bos
+
+
+def _describe(role: str, source, model) -> dict[str, Any]:
+    return {
+        "role": role,
+        "name": _name(source),
+        "source": str(source),
+        "model_type": model.config.model_type,
+        "num_attention_heads": model.config.num_attention_heads,
+        "kv_heads": kv_heads_of(model.config),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def _measure_memory_and_speed(models, entries, stream, device, pad_id, kv_context, contexts, new_tokens, progress) -> None:
+    """Each model's KV cache (measured against the config's size) and its decode speed per context."""
+    with tqdm(total=len(models) * (1 + len(contexts)), desc="KV cache + decode", unit="run", disable=not progress) as bar:
+        for (role, _, model), entry in zip(models, entries):
+            entry["kv_cache"] = measure_kv_cache(model, _prompt(stream, 16, device), pad_id, kv_context)
+            bar.update()
+            _greedy(model, _prompt(stream, 8, device), 2, pad_id)  # warm-up: first-call overheads out of the timings
+            entry["decode"] = []
+            for context in contexts:
+                bar.set_postfix(model=role, context=context)
+                entry["decode"].append(measure_decode(model, _prompt(stream, context, device), new_tokens, pad_id))
+                bar.update()
+
+
+def _count_agreeing_tokens(mine: list[dict], theirs: list[dict]) -> None:
+    """How many greedy tokens the model produces before it first departs from the baseline."""
+    for run, base in zip(mine, theirs):
+        same = 0
+        for a, b in zip(run["generated"], base["generated"]):
+            if a != b:
+                break
+            same += 1
+        run["same_greedy_prefix_as_baseline"] = same
 
 
 def _check_same_tokenizer(tok, baseline: str | Path) -> None:

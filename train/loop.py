@@ -57,7 +57,6 @@ class TrainResult:
     evals: list[dict[str, float]]  # every evaluation this call ran: step, loss, perplexity, tokens
     final_eval: dict[str, float] | None
     train_seconds: float  # time in training steps this call (evaluation and checkpoints excluded)
-    train_cpu_seconds: float  # this process's CPU time in those steps: steadier than wall time on a busy machine
     model: PreTrainedModel  # the trained model on this process (unwrapped)
     process_index: int = 0
 
@@ -127,46 +126,11 @@ class _Run:
         set_seed(recipe.seed)
         if self.main:
             logger.info("plan:\n%s", self.plan.describe())
-        tokenizer_dir = recipe.model.tokenizer or recipe.model.path
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        self._check_vocab(AutoConfig.from_pretrained(recipe.model.path), tokenizer)
-        data = prepare_data(recipe.data, tokenizer, tokenizer_dir, recipe.seed, accelerator.local_main_process_first)
-        if self.main:
-            self._log_data(data)
-            rundir.write_run_file(self.output_dir, recipe, self.recipe_file, status="running", steps=self.start.step if self.start else 0)
-        accelerator.wait_for_everyone()
-
-        model = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=torch.float32)
-        model.config.use_cache = False  # no KV cache while training
-        if recipe.train.gradient_checkpointing:
-            if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.x on
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        select_trainable(model, recipe.train.params)
+        tokenizer, data = self._setup_data()
+        model = self._setup_model()
         teacher = self._load_teacher(model) if recipe.loss.kind == "distill" else None
-
-        optimizer = torch.optim.AdamW(
-            _parameter_groups(model, recipe.optimizer.weight_decay),
-            lr=recipe.optimizer.lr,
-            betas=recipe.optimizer.betas,
-            eps=recipe.optimizer.eps,
-        )
-        scheduler = get_scheduler(
-            "cosine_with_min_lr" if recipe.schedule.min_lr_ratio else SCHEDULERS[recipe.schedule.kind],
-            optimizer,
-            num_warmup_steps=self.plan.warmup_steps,
-            num_training_steps=self.plan.steps,
-            scheduler_specific_kwargs={"min_lr_rate": recipe.schedule.min_lr_ratio} if recipe.schedule.min_lr_ratio else None,
-        )
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        collate = make_collate(recipe.data.block_size, pad_id)
-        order = training_order(len(data.train), self.plan.steps * self.plan.global_batch, recipe.seed)
-        train_loader = DataLoader(data.train.select(order), batch_size=self.plan.micro_batch, collate_fn=collate)
-        eval_set = data.eval
-        if recipe.eval.max_blocks is not None and len(eval_set) > recipe.eval.max_blocks:
-            eval_set = eval_set.select(range(recipe.eval.max_blocks))
-        eval_loader = DataLoader(eval_set, batch_size=self.plan.micro_batch, collate_fn=collate)
+        optimizer, scheduler = self._setup_optimizer(model)
+        train_loader, eval_loader = self._setup_loaders(tokenizer, data)
 
         model, optimizer, scheduler, train_loader, eval_loader = accelerator.prepare(
             model, optimizer, scheduler, train_loader, eval_loader
@@ -189,6 +153,60 @@ class _Run:
         self.eval_loader = eval_loader
         self.data = data
         return self._loop(train_loader)
+
+    # The setup stages, in the order they run; the training step itself is _step.
+
+    def _setup_data(self):
+        recipe = self.recipe
+        tokenizer_dir = recipe.model.tokenizer or recipe.model.path
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        self._check_vocab(AutoConfig.from_pretrained(recipe.model.path), tokenizer)
+        data = prepare_data(recipe.data, tokenizer, tokenizer_dir, recipe.seed, self.accelerator.local_main_process_first)
+        if self.main:
+            self._log_data(data)
+            rundir.write_run_file(self.output_dir, recipe, self.recipe_file, status="running", steps=self.start.step if self.start else 0)
+        self.accelerator.wait_for_everyone()
+        return tokenizer, data
+
+    def _setup_model(self) -> PreTrainedModel:
+        recipe = self.recipe
+        model = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=torch.float32)
+        model.config.use_cache = False  # no KV cache while training
+        if recipe.train.gradient_checkpointing:
+            if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.x on
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        select_trainable(model, recipe.train.params)
+        return model
+
+    def _setup_optimizer(self, model: PreTrainedModel):
+        recipe = self.recipe
+        optimizer = torch.optim.AdamW(
+            _parameter_groups(model, recipe.optimizer.weight_decay),
+            lr=recipe.optimizer.lr,
+            betas=recipe.optimizer.betas,
+            eps=recipe.optimizer.eps,
+        )
+        scheduler = get_scheduler(
+            "cosine_with_min_lr" if recipe.schedule.min_lr_ratio else SCHEDULERS[recipe.schedule.kind],
+            optimizer,
+            num_warmup_steps=self.plan.warmup_steps,
+            num_training_steps=self.plan.steps,
+            scheduler_specific_kwargs={"min_lr_rate": recipe.schedule.min_lr_ratio} if recipe.schedule.min_lr_ratio else None,
+        )
+        return optimizer, scheduler
+
+    def _setup_loaders(self, tokenizer, data: PreparedData) -> tuple[DataLoader, DataLoader]:
+        recipe, plan = self.recipe, self.plan
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        collate = make_collate(recipe.data.block_size, pad_id)
+        order = training_order(len(data.train), plan.steps * plan.global_batch, recipe.seed)
+        train_loader = DataLoader(data.train.select(order), batch_size=plan.micro_batch, collate_fn=collate)
+        eval_set = data.eval
+        if recipe.eval.max_blocks is not None and len(eval_set) > recipe.eval.max_blocks:
+            eval_set = eval_set.select(range(recipe.eval.max_blocks))
+        return train_loader, DataLoader(eval_set, batch_size=plan.micro_batch, collate_fn=collate)
 
     def _log_data(self, data: PreparedData) -> None:
         stats = data.stats
@@ -223,50 +241,21 @@ class _Run:
     def _loop(self, train_loader) -> TrainResult:
         recipe, accelerator, plan = self.recipe, self.accelerator, self.plan
         start_step = self.progress.step
-        loader = train_loader
-        if start_step:
-            loader = accelerator.skip_first_batches(train_loader, start_step * plan.accumulation)
         stop_at = recipe.budget.stop_at_step or plan.steps
+        loader = train_loader
+        if start_step >= stop_at:
+            loader = []  # resumed at (or past) where this invocation should stop
+        elif start_step:
+            loader = accelerator.skip_first_batches(train_loader, start_step * plan.accumulation)
         losses: dict[int, float] = {}
         evals: list[dict[str, float]] = []
         window = _Window()
-        train_seconds = train_cpu_seconds = 0.0
-        device = accelerator.device
-        max_norm = recipe.optimizer.max_grad_norm or math.inf
+        train_seconds = 0.0
         bar = tqdm(total=plan.steps, initial=start_step, desc="uptraining", unit="step", disable=not accelerator.is_main_process)
         self.model.train()
-        if start_step >= stop_at:
-            loader = []  # resumed at (or past) where this invocation should stop
-        tick, cpu_tick = time.perf_counter(), time.process_time()
-        # accelerate's backward (or DeepSpeed's engine) divides each loss by the accumulation steps, and
-        # DDP, FSDP and ZeRO average gradients over processes; each micro batch's loss is already its share of
-        # the global batch's loss, so undo both.
-        undo_averaging = plan.accumulation * plan.processes
+        tick = time.perf_counter()
         for micro_batches in _steps(loader, plan.accumulation):
-            # Every micro batch's summed token loss is divided by the predicted tokens of the whole global batch
-            # (all micro batches, all processes), so that count is needed before the first backward pass. One
-            # collective for it and the tokens read (padding not counted); a second one for the loss after.
-            counts = sum(torch.stack([_predicted_tokens(batch), _read_tokens(batch)]) for batch in micro_batches)
-            predicted, tokens = accelerator.reduce(counts, reduction="sum").tolist()
-            step_loss = torch.zeros((), device=device, dtype=torch.float64)
-            for i, batch in enumerate(micro_batches, 1):
-                with accelerator.accumulate(self.model):
-                    # Only the step's last backward pass may sync gradients (and, under DeepSpeed, step).
-                    assert accelerator.sync_gradients == (i == plan.accumulation), "accelerate syncs out of step"
-                    loss = self._loss(batch, predicted)
-                    accelerator.backward(loss * undo_averaging)
-                    step_loss += loss.detach()
-            loss_value = accelerator.reduce(step_loss, reduction="sum").item()  # the global batch's token mean
-            if not math.isfinite(loss_value):
-                self._fail_non_finite("training loss", loss_value)
-            grad_norm = accelerator.clip_grad_norm_(self.trainable, max_norm)
-            if grad_norm is not None and recipe.precision != "fp16" and not math.isfinite(grad_norm.item()):
-                # (fp16's loss scaler skips such steps by itself)
-                self._fail_non_finite("gradient norm", grad_norm.item())
-            self.optimizer.step()
-            if not accelerator.optimizer_step_was_skipped:  # fp16 overflow skips a step; so does the schedule
-                self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            loss_value, tokens, grad_norm = self._step(micro_batches)
             self.progress.step += 1
             step = self.progress.step
             self.progress.tokens_seen += tokens
@@ -274,8 +263,6 @@ class _Run:
             now_ = time.perf_counter()
             elapsed, tick = now_ - tick, now_  # logging below counts as training time for the next step
             train_seconds += elapsed
-            cpu_now = time.process_time()
-            train_cpu_seconds, cpu_tick = train_cpu_seconds + cpu_now - cpu_tick, cpu_now
             window.add(loss_value, tokens, grad_norm, elapsed)
             bar.update(1)
             if step % recipe.logging.every == 0 or step == stop_at:
@@ -290,31 +277,66 @@ class _Run:
             if step >= stop_at:
                 break
             if paused:  # evaluation and checkpoints are not training time
-                tick, cpu_tick = time.perf_counter(), time.process_time()
+                tick = time.perf_counter()
         bar.close()
+        return self._finish(losses, evals, train_seconds)
 
-        finished = self.progress.step >= plan.steps
+    def _step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, int, torch.Tensor | None]:
+        """One optimizer step on one global batch: its loss (the token mean), tokens read and grad norm."""
+        accelerator, plan = self.accelerator, self.plan
+        # Every micro batch's summed token loss is divided by the predicted tokens of the whole global batch
+        # (all micro batches, all processes), so that count is needed before the first backward pass. One
+        # collective for it and the tokens read (padding not counted); a second one for the loss after.
+        counts = sum(torch.stack([_predicted_tokens(batch), _read_tokens(batch)]) for batch in micro_batches)
+        predicted, tokens = accelerator.reduce(counts, reduction="sum").tolist()
+        # accelerate's backward (or DeepSpeed's engine) divides each loss by the accumulation steps, and
+        # DDP, FSDP and ZeRO average gradients over processes; each micro batch's loss is already its share of
+        # the global batch's loss, so undo both.
+        undo_averaging = plan.accumulation * plan.processes
+        step_loss = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+        for i, batch in enumerate(micro_batches, 1):
+            with accelerator.accumulate(self.model):
+                # Only the step's last backward pass may sync gradients (and, under DeepSpeed, step).
+                assert accelerator.sync_gradients == (i == plan.accumulation), "accelerate syncs out of step"
+                loss = self._loss(batch, predicted)
+                accelerator.backward(loss * undo_averaging)
+                step_loss += loss.detach()
+        loss_value = accelerator.reduce(step_loss, reduction="sum").item()  # the global batch's token mean
+        if not math.isfinite(loss_value):
+            self._fail_non_finite("training loss", loss_value)
+        grad_norm = accelerator.clip_grad_norm_(self.trainable, self.recipe.optimizer.max_grad_norm or math.inf)
+        if grad_norm is not None and self.recipe.precision != "fp16" and not math.isfinite(grad_norm.item()):
+            # (fp16's loss scaler skips such steps by itself)
+            self._fail_non_finite("gradient norm", grad_norm.item())
+        self.optimizer.step()
+        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow skips a step; so does the schedule
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, int(tokens), grad_norm
+
+    def _finish(self, losses: dict[int, float], evals: list[dict[str, float]], train_seconds: float) -> TrainResult:
+        """The final evaluation and model when the budget is spent; a stopped run's status otherwise."""
+        finished = self.progress.step >= self.plan.steps
         final_eval = None
         if finished:
             final_eval = self._evaluate(self.progress.step)
             evals.append(final_eval)
             self._save_final_model(final_eval)
         elif self.main:
-            rundir.write_run_file(self.output_dir, recipe, self.recipe_file, status="stopped", steps=self.progress.step)
-        accelerator.wait_for_everyone()
+            rundir.write_run_file(self.output_dir, self.recipe, self.recipe_file, status="stopped", steps=self.progress.step)
+        self.accelerator.wait_for_everyone()
         return TrainResult(
             output_dir=self.output_dir,
             finished=finished,
             steps=self.progress.step,
             tokens_seen=self.progress.tokens_seen,
-            plan=plan,
+            plan=self.plan,
             losses=losses,
             evals=evals,
             final_eval=final_eval,
             train_seconds=train_seconds,
-            train_cpu_seconds=train_cpu_seconds,
-            model=accelerator.unwrap_model(self.model),
-            process_index=accelerator.process_index,
+            model=self.accelerator.unwrap_model(self.model),
+            process_index=self.accelerator.process_index,
         )
 
     def _loss(self, batch: dict[str, torch.Tensor], predicted: int) -> torch.Tensor:
