@@ -1,8 +1,23 @@
-"""Training data: read documents, tokenise once, pack into fixed blocks, cache on disk.
+"""Training data: read documents, tokenise, pack into fixed blocks; prepared once and cached, or streamed.
 
-The cache key covers everything that changes the blocks (the tokenizer files, each source's
-path/size/mtime or hub id, text field, block size, packing, the eval split), so a second run
-with the same data loads memory-mapped blocks at once and any change rebuilds them.
+Prepared (the default): the whole of data.train is tokenised and packed before step 1, by the first
+process of each machine while the others wait, and cached. The cache key covers everything that
+changes the blocks (the tokenizer files, each source's path/size/mtime or hub id, text field, block
+size, packing, the eval split), so a second run with the same data loads memory-mapped blocks at
+once and any change rebuilds them.
+
+Streamed (data.streaming): data.train is read as a datasets IterableDataset and tokenised and packed
+on the fly, with the same code, so nothing before step 1 grows with the corpus. The stream yields, in
+this order: the sources' documents as listed (each file's rows in file order, a hub dataset's files
+in the hub's order), empty ones dropped; every PACK_DOCUMENTS of them tokenised and packed into
+blocks exactly as prepared data is; without data.eval, the first data.eval_blocks blocks held out
+(cached, never trained on); the rest repeated epoch after epoch, each run of data.shuffle_buffer
+consecutive blocks in an order seeded by (seed, run number). That global stream does not depend on
+the number of processes: process i of N keeps blocks i, i+N, i+2N, ... (split_dataset_by_node,
+strategy "examples"), so optimizer step k reads blocks [k*G, (k+1)*G) of it, G the global batch,
+however many processes share it. Its position (datasets' IterableDataset.state_dict) is the same
+on every process after a step and is saved with each checkpoint, so a resumed run reads exactly the
+blocks the interrupted one would have.
 """
 
 from __future__ import annotations
@@ -14,8 +29,9 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any, ContextManager
 
@@ -24,6 +40,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from datasets.distributed import split_dataset_by_node
+from torch.utils.data import DataLoader
 
 from gqa.convert.errors import GQAError
 from gqa.convert import corpus
@@ -36,22 +54,32 @@ logger = logging.getLogger(__name__)
 STDLIB_SOURCE = corpus.NAME
 CACHE_FORMAT = 2  # bump when the layout of cached blocks changes
 FILE_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# Documents tokenised and packed together (prepared and streamed alike); each group drops its tail,
+# fewer than block_size tokens, so large groups keep that to block_size - 1 tokens per 4,000 documents.
+PACK_DOCUMENTS = 4000
+BLOCK_FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
 
 
 @dataclass(frozen=True)
 class Source:
     """One entry of data.train / data.eval, resolved."""
 
-    kind: str  # stdlib | text | json | parquet | saved | hub
+    kind: str  # stdlib | text | json | parquet | saved | folder | hub
     location: str  # a path, a hub id, or a stdlib-docs split
-    split: str  # split used for saved DatasetDicts and hub datasets
+    split: str  # split used for saved DatasetDicts, folders of data files and hub datasets
+    builder: str = ""  # folder: the datasets builder of its files (text, json, parquet)
 
 
 @dataclass(frozen=True)
 class PreparedData:
-    train: datasets.Dataset  # input_ids blocks (packed) or documents (not packed)
+    # input_ids blocks (packed) or documents (not packed); streamed: this process's share of the stream
+    train: datasets.Dataset | datasets.IterableDataset
     eval: datasets.Dataset
-    stats: dict[str, Any]  # documents, tokens and blocks per split; where the cache lives
+    stats: dict[str, Any]  # documents, tokens and blocks per split (None where a stream does not know); the cache
+
+    @property
+    def streaming(self) -> bool:
+        return isinstance(self.train, datasets.IterableDataset)
 
 
 def default_cache_root() -> Path:
@@ -65,11 +93,19 @@ def prepare_data(
     tokenizer_dir: str | Path,
     seed: int,
     local_main_process_first: Callable[[], ContextManager] = contextlib.nullcontext,
+    process_index: int = 0,
+    num_processes: int = 1,
 ) -> PreparedData:
-    """Blocks for training and evaluation, from the cache or built by the first process of each machine."""
+    """Blocks for training and evaluation, from the cache or built by the first process of each machine;
+    streamed (data.streaming), this process's share of the training stream and the cached held-out blocks."""
     cache_root = Path(data.cache_dir) if data.cache_dir else default_cache_root()
     train_sources = resolve_sources(data.train, "data.train", data.train_split, cache_root)
     eval_sources = resolve_sources(data.eval, "data.eval", data.eval_split, cache_root) if data.eval else []
+    if data.streaming:
+        return _prepare_stream(
+            data, train_sources, eval_sources, tokenizer, tokenizer_dir, seed, local_main_process_first,
+            process_index, num_processes, cache_root,
+        )
     key = _cache_key(data, train_sources, eval_sources, tokenizer, tokenizer_dir, seed)
     cache_dir = cache_root / key
     with local_main_process_first():
@@ -97,9 +133,10 @@ def resolve_sources(spec: str | list[str], key: str, split: str, cache_root: Pat
                 raise GQAError(f"{key}: {entry!r} names no corpus split; use stdlib-docs:train or stdlib-docs:heldout")
             sources.append(Source("stdlib", corpus_split, corpus_split))
         elif path.is_dir():
-            if not ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
-                raise GQAError(f"{key}: {path} is a directory but not one written by datasets' save_to_disk")
-            sources.append(Source("saved", str(path.resolve()), split))
+            if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+                sources.append(Source("saved", str(path.resolve()), split))
+            else:  # a folder of data files (shards); datasets reads its split from the file names
+                sources.append(Source("folder", str(path.resolve()), split, _folder_builder(path, key)))
         elif path.is_file():
             builder = FILE_BUILDERS.get(path.suffix.lower())
             if builder is None:
@@ -111,6 +148,17 @@ def resolve_sources(spec: str | list[str], key: str, split: str, cache_root: Pat
         else:
             sources.append(Source("hub", entry, split))  # e.g. HuggingFaceFW/fineweb-edu
     return sources
+
+
+def _folder_builder(path: Path, key: str) -> str:
+    files = [p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+    builders = {FILE_BUILDERS.get(p.suffix.lower()) for p in files} - {None}
+    known = ", ".join(sorted(FILE_BUILDERS))
+    if not builders:
+        raise GQAError(f"{key}: {path} is a directory but neither one written by datasets' save_to_disk nor a folder of data files ({known})")
+    if len(builders) > 1:
+        raise GQAError(f"{key}: {path} mixes kinds of data files ({', '.join(sorted(builders))}); give one kind per folder")
+    return builders.pop()
 
 
 def training_order(num_blocks: int, num_sequences: int, seed: int) -> np.ndarray:
@@ -157,17 +205,25 @@ def _build(data: DataSection, train_sources, eval_sources, tokenizer, seed: int,
         split = train_docs.train_test_split(test_size=data.eval_fraction, seed=seed, shuffle=True)
         train_docs, eval_docs = split["train"], split["test"]
     stats: dict[str, Any] = {"format": CACHE_FORMAT}
+    built = {name: _blocks_of(docs, tokenizer, data, name, stats) for name, docs in (("train", train_docs), ("eval", eval_docs))}
+    _check_sizes(data, stats, ("train", "eval"))  # before caching: an empty split is an error, never a cache entry
+    _write_cache(cache_dir, built, stats)
+
+
+def _blocks_of(docs: datasets.Dataset, tokenizer, data: DataSection, name: str, stats: dict[str, Any]) -> datasets.Dataset:
+    """A split's documents tokenised and (packed) cut into blocks; counts go into stats."""
+    bos = leading_bos(tokenizer)
+    tokens = _tokenise(docs, tokenizer, data, name)
+    stats[f"{name}_documents"] = len(docs)
+    stats[f"{name}_tokens"] = _token_count(tokens)
+    blocks = _pack(tokens, data.block_size, bos, data.num_proc, name) if data.pack else tokens
+    stats[f"{name}_blocks"] = len(blocks)
+    return blocks
+
+
+def _write_cache(cache_dir: Path, built: dict[str, datasets.Dataset], stats: dict[str, Any]) -> None:
     tmp = cache_dir.with_name(f"{cache_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    built = {}
-    bos = leading_bos(tokenizer)
-    for name, docs in (("train", train_docs), ("eval", eval_docs)):
-        tokens = _tokenise(docs, tokenizer, bos, data, name)
-        stats[f"{name}_documents"] = len(docs)
-        stats[f"{name}_tokens"] = _token_count(tokens)
-        built[name] = _pack(tokens, data.block_size, bos, data.num_proc, name) if data.pack else tokens
-        stats[f"{name}_blocks"] = len(built[name])
-    _check_sizes(data, stats)  # before caching: an empty split is an error, never a cache entry
     for name, blocks in built.items():
         blocks.save_to_disk(str(tmp / name))
     (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
@@ -178,92 +234,127 @@ def _build(data: DataSection, train_sources, eval_sources, tokenizer, seed: int,
 
 
 def _load_documents(sources: list[Source], data: DataSection, key: str, cache_root: Path) -> datasets.Dataset:
-    parts = []
-    for source in sources:
-        part = _load_source(source, data, key, cache_root)
-        if data.text_field not in part.column_names:
-            raise GQAError(
-                f"data.text_field={data.text_field!r} is not a column of {source.location} "
-                f"(columns: {', '.join(part.column_names)}); set data.text_field"
-            )
-        part = part.select_columns([data.text_field])
-        if data.text_field != "text":
-            part = part.rename_column(data.text_field, "text")
-        parts.append(part)
+    parts = [_text_column(_load_source(source, data, key, cache_root), source, data, key) for source in sources]
     docs = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    docs = docs.filter(
-        lambda batch: [isinstance(t, str) and bool(t.strip()) for t in batch["text"]], batched=True, desc="dropping empty"
-    )
+    docs = docs.filter(_has_text, batched=True, desc="dropping empty")
     if len(docs) == 0:
         where = ", ".join(s.location for s in sources)
         raise GQAError(f"{key} holds no text: {where} has no non-empty {data.text_field!r} field; point {key} at real data")
     return docs
 
 
-def _load_source(source: Source, data: DataSection, key: str, cache_root: Path) -> datasets.Dataset:
+def _text_column(part, source: Source, data: DataSection, key: str):
+    """A source's documents as one column, "text" (a Dataset or an IterableDataset)."""
+    columns = part.column_names
+    if columns is None:  # a stream that does not declare its columns: its first row does
+        columns = list(_first_row(part, source.location, key) or {})
+    if data.text_field not in columns:
+        raise GQAError(
+            f"data.text_field={data.text_field!r} is not a column of {source.location} "
+            f"(columns: {', '.join(columns)}); set data.text_field"
+        )
+    part = part.select_columns([data.text_field])
+    if data.text_field != "text":
+        part = part.rename_column(data.text_field, "text")
+    return part
+
+
+def _has_text(batch: dict[str, list]) -> list[bool]:
+    return [isinstance(t, str) and bool(t.strip()) for t in batch["text"]]
+
+
+def _first_row(part: datasets.IterableDataset, where: str, key: str) -> dict | None:
+    """Read a stream's first row now, so that an unreadable source fails before training starts."""
+    try:
+        return next(iter(part), None)
+    except Exception as err:  # malformed files surface as assorted pyarrow/datasets errors
+        raise GQAError(f"{key}: could not read {where}: {err}") from err
+
+
+def _load_source(source: Source, data: DataSection, key: str, cache_root: Path, streaming: bool = False):
+    """A source's rows: a Dataset, or read lazily as an IterableDataset when streaming."""
     if source.kind == "stdlib":
         path = corpus.write_corpus(cache_root / corpus.corpus_tag())[source.location]
-        return datasets.load_dataset("text", data_files=[str(path)], sample_by="paragraph", split="train")
+        return datasets.load_dataset("text", data_files=[str(path)], sample_by="paragraph", split="train", streaming=streaming)
     if source.kind == "text":  # a document is a block of lines between blank lines
-        return datasets.load_dataset("text", data_files=[source.location], sample_by="paragraph", split="train")
+        return datasets.load_dataset("text", data_files=[source.location], sample_by="paragraph", split="train", streaming=streaming)
     if source.kind in ("json", "parquet"):
         try:
-            return datasets.load_dataset(source.kind, data_files=[source.location], split="train")
+            return datasets.load_dataset(source.kind, data_files=[source.location], split="train", streaming=streaming)
         except Exception as err:  # malformed files surface as assorted pyarrow/datasets errors
             raise GQAError(f"{key}: could not read {source.location}: {err}") from err
+    split_key = "data.eval_split" if key == "data.eval" else "data.train_split"
     if source.kind == "saved":
         loaded = datasets.load_from_disk(source.location)
         if isinstance(loaded, datasets.DatasetDict):
-            split_key = "data.eval_split" if key == "data.eval" else "data.train_split"
             if source.split not in loaded:
                 raise GQAError(f"{split_key}={source.split!r} is not a split of {source.location} ({', '.join(loaded)})")
             loaded = loaded[source.split]
-        return loaded
+        return loaded.to_iterable_dataset() if streaming else loaded
+    if source.kind == "folder":  # the split comes from the file names (train-*.parquet, ...); none named: all train
+        text = {"sample_by": "paragraph"} if source.builder == "text" else {}
+        try:
+            return datasets.load_dataset(source.builder, data_dir=source.location, split=source.split, streaming=streaming, **text)
+        except Exception as err:  # a missing split, or unreadable files
+            raise GQAError(f"{key}: could not read split {source.split!r} ({split_key}) of the folder {source.location}: {err}") from err
     try:  # hub dataset
-        return datasets.load_dataset(source.location, data.hub_config, split=source.split)
+        return datasets.load_dataset(source.location, data.hub_config, split=source.split, streaming=streaming)
     except Exception as err:  # network, auth, missing config or split: all say the same to the user
         raise GQAError(
             f"{key}: {source.location!r} is not a local path and could not be loaded as a hub dataset "
-            f"(config {data.hub_config}, split {source.split}): {err}"
+            f"(config {data.hub_config}, split {source.split}; {split_key}): {err}"
         ) from err
 
 
-def _tokenise(docs: datasets.Dataset, tokenizer, bos: int | None, data: DataSection, name: str) -> datasets.Dataset:
-    """Each document's tokens (gqa.convert.text); unpacked, each document's one window."""
+def _tokeniser(tokenizer, data: DataSection) -> Callable[[Sequence[str]], list[list[int]]]:
+    """Documents to token rows (gqa.convert.text): each document's tokens and EOS when packing;
+    unpacked, each document's one window."""
     if data.pack and tokenizer.eos_token_id is None:
         logger.warning("data: the tokenizer has no EOS token; packed documents run into each other")
+    bos = leading_bos(tokenizer)
 
-    def tokenise(batch: dict[str, list]) -> dict[str, list]:
+    def tokenise(texts: Sequence[str]) -> list[list[int]]:
         if data.pack:
-            return {"input_ids": encode_documents(tokenizer, batch["text"])}
+            return encode_documents(tokenizer, texts)
         # One document per block, cut to the block (it ends where its padding begins, so it carries
         # no EOS); drop what leaves nothing to predict.
-        encoded = encode_documents(tokenizer, batch["text"], eos=False)
+        encoded = encode_documents(tokenizer, texts, eos=False)
         windows = (document_window(ids, data.block_size, bos) for ids in encoded)
-        return {"input_ids": [ids for ids in windows if len(ids) >= 2]}
+        return [ids for ids in windows if len(ids) >= 2]
 
-    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
+    return tokenise
+
+
+def _packer(block_size: int, bos: int | None) -> Callable[[pa.Array | pa.ChunkedArray], np.ndarray]:
+    """A group of documents' token rows, concatenated and cut into full blocks (gqa.convert.text's windows)."""
+
+    def pack(rows: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        return chunk_tokens(pc.list_flatten(rows).to_numpy(), block_size, bos)
+
+    return pack
+
+
+def _tokenise(docs: datasets.Dataset, tokenizer, data: DataSection, name: str) -> datasets.Dataset:
+    """Each document's tokens; unpacked, each document's one window."""
+    tokenise = _tokeniser(tokenizer, data)
     return docs.map(
-        tokenise, batched=True, remove_columns=docs.column_names, features=features, num_proc=data.num_proc,
-        desc=f"tokenising {name}",
+        lambda batch: {"input_ids": tokenise(batch["text"])}, batched=True, remove_columns=docs.column_names,
+        features=BLOCK_FEATURES, num_proc=data.num_proc, desc=f"tokenising {name}",
     )
 
 
 def _pack(tokens: datasets.Dataset, block_size: int, bos: int | None, num_proc: int, name: str) -> datasets.Dataset:
-    """Concatenate documents and cut into full blocks (gqa.convert.text's windows).
+    """Concatenate documents and cut into full blocks.
 
-    Training blocks are cut per map batch, each dropping its tail (< one block); large batches keep
-    that to block_size - 1 tokens per 4,000 documents. The held-out split is cut as one stream, the
-    way `gqa eval` cuts a text, so both score the same windows.
+    Training blocks are cut per group of PACK_DOCUMENTS documents, each dropping its tail (< one
+    block). The held-out split is cut as one stream, the way `gqa eval` cuts a text, so both score
+    the same windows.
     """
-
-    def pack(batch: pa.Table) -> dict[str, np.ndarray]:
-        return {"input_ids": chunk_tokens(pc.list_flatten(batch.column("input_ids")).to_numpy(), block_size, bos)}
-
+    pack = _packer(block_size, bos)
     whole = name == "eval"
-    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
     packed = tokens.with_format("arrow").map(
-        pack, batched=True, batch_size=None if whole else 4000, features=features, num_proc=None if whole else num_proc,
+        lambda batch: {"input_ids": pack(batch.column("input_ids"))}, batched=True,
+        batch_size=None if whole else PACK_DOCUMENTS, features=BLOCK_FEATURES, num_proc=None if whole else num_proc,
         desc=f"packing {name}",
     )
     return packed.with_format(None)
@@ -276,8 +367,9 @@ def _token_count(tokens: datasets.Dataset) -> int:
     return int(pc.sum(pc.list_value_length(column)).as_py() or 0)
 
 
-def _check_sizes(data: DataSection, stats: dict[str, Any]) -> None:
-    for name, key in (("train", "data.train"), ("eval", "data.eval" if data.eval else "data.eval_fraction")):
+def _check_sizes(data: DataSection, stats: dict[str, Any], names: tuple[str, ...]) -> None:
+    for name in names:
+        key = "data.train" if name == "train" else "data.eval" if data.eval else "data.eval_fraction"
         if stats[f"{name}_blocks"] == 0 and not data.pack:
             raise GQAError(f"{key}: no {name} document is 2 tokens or longer; add data to {key}")
         if stats[f"{name}_blocks"] == 0:
@@ -285,6 +377,130 @@ def _check_sizes(data: DataSection, stats: dict[str, Any]) -> None:
                 f"data.block_size={data.block_size} is longer than the {name} data ({stats[f'{name}_tokens']:,} tokens "
                 f"in {stats[f'{name}_documents']:,} documents, none long enough); lower data.block_size or add data to {key}"
             )
+
+
+# --- streaming --------------------------------------------------------------------------------
+
+
+def _prepare_stream(
+    data: DataSection, train_sources, eval_sources, tokenizer, tokenizer_dir, seed: int,
+    local_main_process_first: Callable[[], ContextManager], process_index: int, num_processes: int, cache_root: Path,
+) -> PreparedData:
+    """This process's share of the training stream (see the module docstring for its order) and the held-out
+    blocks: data.eval prepared and cached as usual, or the first data.eval_blocks blocks of the stream, cached."""
+    blocks = stream_blocks(train_sources, data, tokenizer, "data.train", cache_root)
+    key = _stream_eval_key(data, train_sources, eval_sources, tokenizer, tokenizer_dir)
+    cache_dir = cache_root / key
+    with local_main_process_first():
+        if not (cache_dir / "stats.json").is_file():
+            logger.info("data: preparing the held-out blocks in %s", cache_dir)
+            if eval_sources:
+                stats: dict[str, Any] = {"format": CACHE_FORMAT}
+                eval_docs = _load_documents(eval_sources, data, "data.eval", cache_root)
+                built = _blocks_of(eval_docs, tokenizer, data, "eval", stats)
+                _check_sizes(data, stats, ("eval",))
+                _write_cache(cache_dir, {"eval": built}, stats | {"held_out_blocks": 0})
+            else:
+                _write_held_out(blocks, data, cache_dir)
+        else:
+            logger.info("data: using cached held-out blocks in %s", cache_dir)
+        stats = json.loads((cache_dir / "stats.json").read_text())
+        eval_ = datasets.load_from_disk(str(cache_dir / "eval"))
+    held_out = stats["held_out_blocks"]
+    train = blocks.skip(held_out) if held_out else blocks
+    where = ", ".join(s.location for s in train_sources)
+    if eval_sources and _first_row(train, where, "data.train") is None:  # (with eval_blocks: checked when cached)
+        raise GQAError(_no_blocks_message(data))
+    train = train.repeat(None)  # epochs: the held-out blocks are skipped in each
+    if data.shuffle_buffer > 1:
+        train = train.map(_window_shuffle(seed, data.shuffle_buffer), batched=True, batch_size=data.shuffle_buffer, with_indices=True)
+    # Every process reads the same global stream and keeps every num_processes-th block of it.
+    train = split_dataset_by_node(train, rank=process_index, world_size=num_processes, strategy="examples")
+    stats = stats | {"train_documents": None, "train_tokens": None, "train_blocks": None, "streaming": True}
+    return PreparedData(train=train, eval=eval_, stats=stats | {"cache_dir": str(cache_dir)})
+
+
+def stream_blocks(sources: list[Source], data: DataSection, tokenizer, key: str, cache_root: Path) -> datasets.IterableDataset:
+    """The sources' documents in order, empty ones dropped, tokenised and packed (as _tokenise and _pack do) on the fly."""
+    parts = [_text_column(_load_source(source, data, key, cache_root, streaming=True), source, data, key) for source in sources]
+    docs = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    docs = docs.filter(_has_text, batched=True)
+    tokenise, pack = _tokeniser(tokenizer, data), _packer(data.block_size, leading_bos(tokenizer))
+
+    def blocks(batch: dict[str, list]) -> dict[str, Any]:
+        rows = tokenise(batch["text"])
+        if not data.pack:
+            return {"input_ids": rows}
+        return {"input_ids": pack(pa.array(rows, type=pa.list_(pa.int32())))}
+
+    return docs.map(blocks, batched=True, batch_size=PACK_DOCUMENTS, remove_columns=["text"])
+
+
+def _window_shuffle(seed: int, size: int) -> Callable[[dict[str, list], list[int]], dict[str, list]]:
+    """Each run of `size` consecutive blocks (a map batch) in the order rng([seed, run number]) draws."""
+
+    def shuffle(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        order = np.random.default_rng([seed, indices[0] // size]).permutation(len(indices))
+        return {name: [column[i] for i in order] for name, column in batch.items()}
+
+    return shuffle
+
+
+def _write_held_out(blocks: datasets.IterableDataset, data: DataSection, cache_dir: Path) -> None:
+    """The first data.eval_blocks blocks of the stream, cached; one more is read to be sure training has some."""
+    rows = [np.asarray(row["input_ids"], dtype=np.int32) for row in islice(iter(blocks), data.eval_blocks + 1)]
+    if not rows:
+        raise GQAError(_no_blocks_message(data))
+    if len(rows) <= data.eval_blocks:
+        raise GQAError(
+            f"data.eval_blocks={data.eval_blocks} holds out the whole of data.train ({len(rows)} blocks of "
+            f"{data.block_size} tokens), leaving nothing to train on; lower data.eval_blocks or set data.eval"
+        )
+    held = rows[: data.eval_blocks]
+    stats = {"format": CACHE_FORMAT, "eval_documents": None, "eval_tokens": int(sum(len(r) for r in held)),
+             "eval_blocks": len(held), "held_out_blocks": len(held)}  # fmt: skip
+    _write_cache(cache_dir, {"eval": datasets.Dataset.from_dict({"input_ids": held}, features=BLOCK_FEATURES)}, stats)
+
+
+def _no_blocks_message(data: DataSection) -> str:
+    if not data.pack:
+        return "data.train: no document is 2 tokens or longer; add data to data.train"
+    return (f"data.train yields no block of data.block_size={data.block_size} tokens (no text, or too little); "
+            "lower data.block_size or add data to data.train")
+
+
+class StreamLoader:
+    """The training batches of a streamed run, and the stream's position for checkpoints.
+
+    Not prepared by accelerate: each process already reads only its share (split_dataset_by_node),
+    so batches go to the device as they come. Registered with accelerator.register_for_checkpointing:
+    save_state stores state_dict() with every checkpoint and load_state restores it. The position is
+    datasets' own IterableDataset.state_dict(); after each optimizer step it is the same on every
+    process (each has read whole groups of num_processes blocks up to the step's last block), which
+    state_dict() checks, so one copy, written by the main process, resumes them all. The DataLoader
+    reads in this process (num_workers=0): nothing is read ahead of the position saved.
+    """
+
+    def __init__(self, dataset: datasets.IterableDataset, batch_size: int, collate: Callable, device,
+                 gather: Callable[[list], list] = lambda items: items):
+        self.dataset = dataset
+        self.batch_size = batch_size  # read by accelerate's DeepSpeed set-up, like a DataLoader's
+        self.device = device
+        self.gather = gather  # all processes' items (accelerate.utils.gather_object)
+        self.loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield {name: tensor.to(self.device) for name, tensor in batch.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.dataset.state_dict()
+        if any(other != state for other in self.gather([state])):
+            raise GQAError("the processes' positions in the training stream differ; the checkpoint could not resume them")
+        return {"stream": state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dataset.load_state_dict(state["stream"])
 
 
 # --- cache key --------------------------------------------------------------------------------
@@ -305,6 +521,22 @@ def _cache_key(data: DataSection, train_sources, eval_sources, tokenizer, tokeni
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     return f"blocks-{digest}"
+
+
+def _stream_eval_key(data: DataSection, train_sources, eval_sources, tokenizer, tokenizer_dir) -> str:
+    """Streamed runs cache only their held-out blocks: data.eval's, or the first data.eval_blocks of data.train's stream."""
+    identity = {
+        "format": CACHE_FORMAT,
+        "tokenizer": _tokenizer_fingerprint(tokenizer, tokenizer_dir),
+        "eval": [_source_fingerprint(s) for s in eval_sources],
+        "held_out": None if eval_sources else {"train": [_source_fingerprint(s) for s in train_sources], "blocks": data.eval_blocks},
+        "text_field": data.text_field,
+        "hub_config": data.hub_config,
+        "block_size": data.block_size,
+        "pack": data.pack,
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return f"stream-eval-{digest}"
 
 
 def _tokenizer_fingerprint(tokenizer, tokenizer_dir) -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """The uptraining loop: one recipe, one process or many, with Accelerate throughout.
 
-recipe -> checks (paths, output dir, plan) -> data (tokenised once, cached) -> model (+ teacher)
+recipe -> checks (paths, output dir, plan) -> data (tokenised once and cached, or streamed) -> model (+ teacher)
 -> Accelerator.prepare -> steps (accumulate, clip, step, schedule, log, eval, checkpoint)
 -> final eval -> save_pretrained from accelerator.get_state_dict -> provenance and model card.
 
-The data order is fixed by the seed alone (see dataset.training_order), every optimizer step sees
+The data order is fixed by the seed alone (see dataset.training_order; streamed, the module docstring
+of gqa.train.dataset), every optimizer step sees
 a full global batch, and its loss is the sum of its token losses over its number of predicted
 tokens however it is split, so one process with accumulation, many processes, and an
 interrupted-then-resumed run all compute the same steps, padded documents included.
@@ -16,14 +17,14 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import GradientAccumulationPlugin, set_seed
+from accelerate.utils import GradientAccumulationPlugin, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, get_scheduler
@@ -34,7 +35,7 @@ from gqa.convert.errors import GQAError
 from gqa.convert.perplexity import perplexity, summed_loss
 from gqa.convert.modeldir import DTYPES, config_dtype, dtype_name, now, provenance_of, write_provenance
 from gqa.train import rundir
-from gqa.train.dataset import PreparedData, make_collate, prepare_data, training_order
+from gqa.train.dataset import PreparedData, StreamLoader, make_collate, prepare_data, training_order
 from gqa.train.losses import IGNORE_INDEX, distillation_loss
 from gqa.train.params import select_trainable
 from gqa.train.plan import TrainingPlan, plan_training
@@ -124,9 +125,7 @@ class _Run:
     def execute(self) -> TrainResult:
         recipe, accelerator = self.recipe, self.accelerator
         set_seed(recipe.seed)
-        if self.main:
-            logger.info("plan:\n%s", self.plan.describe())
-        tokenizer, data = self._setup_data()
+        tokenizer, data = self._setup_data()  # prints the plan, data included
         model = self._setup_model()
         teacher = self._load_teacher(model) if recipe.loss.kind == "distill" else None
         optimizer, scheduler = self._setup_optimizer(model)
@@ -157,12 +156,20 @@ class _Run:
     # The setup stages, in the order they run; the training step itself is _step.
 
     def _setup_data(self):
-        recipe = self.recipe
+        recipe, accelerator = self.recipe, self.accelerator
         tokenizer_dir = recipe.model.tokenizer or recipe.model.path
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         self._check_vocab(AutoConfig.from_pretrained(recipe.model.path), tokenizer)
-        data = prepare_data(recipe.data, tokenizer, tokenizer_dir, recipe.seed, self.accelerator.local_main_process_first)
+        started = time.perf_counter()
+        # Prepared data is built by the first process of each machine while the others wait, then read from
+        # the cache by all; streamed, each process opens its own share of the stream.
+        data = prepare_data(
+            recipe.data, tokenizer, tokenizer_dir, recipe.seed, accelerator.local_main_process_first,
+            process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+        )
+        self.plan = replace(self.plan, data_seconds=time.perf_counter() - started)
         if self.main:
+            logger.info("plan:\n%s", self.plan.describe())
             self._log_data(data)
             rundir.write_run_file(self.output_dir, recipe, self.recipe_file, status="running", steps=self.start.step if self.start else 0)
         self.accelerator.wait_for_everyone()
@@ -197,12 +204,16 @@ class _Run:
         )
         return optimizer, scheduler
 
-    def _setup_loaders(self, tokenizer, data: PreparedData) -> tuple[DataLoader, DataLoader]:
+    def _setup_loaders(self, tokenizer, data: PreparedData) -> tuple[DataLoader | StreamLoader, DataLoader]:
         recipe, plan = self.recipe, self.plan
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         collate = make_collate(recipe.data.block_size, pad_id)
-        order = training_order(len(data.train), plan.steps * plan.global_batch, recipe.seed)
-        train_loader = DataLoader(data.train.select(order), batch_size=plan.micro_batch, collate_fn=collate)
+        if data.streaming:  # each process's share already; not prepared by accelerate (see StreamLoader)
+            train_loader = StreamLoader(data.train, plan.micro_batch, collate, self.accelerator.device, gather_object)
+            self.accelerator.register_for_checkpointing(train_loader)  # the stream's position, in every checkpoint
+        else:
+            order = training_order(len(data.train), plan.steps * plan.global_batch, recipe.seed)
+            train_loader = DataLoader(data.train.select(order), batch_size=plan.micro_batch, collate_fn=collate)
         eval_set = data.eval
         if recipe.eval.max_blocks is not None and len(eval_set) > recipe.eval.max_blocks:
             eval_set = eval_set.select(range(recipe.eval.max_blocks))
@@ -210,6 +221,13 @@ class _Run:
 
     def _log_data(self, data: PreparedData) -> None:
         stats = data.stats
+        if data.streaming:
+            held = f"the first {stats['held_out_blocks']:,} blocks of the stream" if stats["held_out_blocks"] else "data.eval"
+            logger.info(
+                "data: data.train streamed; %s eval tokens in %s blocks (%s), cache %s", f"{stats['eval_tokens']:,}",
+                f"{stats['eval_blocks']:,}", held, stats["cache_dir"],
+            )
+            return
         epochs = self.plan.steps * self.plan.global_batch / stats["train_blocks"]
         logger.info(
             "data: %s train tokens in %s blocks (the run reads %.2f epochs), %s eval tokens in %s blocks; cache %s",
@@ -245,7 +263,7 @@ class _Run:
         loader = train_loader
         if start_step >= stop_at:
             loader = []  # resumed at (or past) where this invocation should stop
-        elif start_step:
+        elif start_step and not isinstance(train_loader, StreamLoader):  # a stream continues where load_state put it
             loader = accelerator.skip_first_batches(train_loader, start_step * plan.accumulation)
         losses: dict[int, float] = {}
         evals: list[dict[str, float]] = []
@@ -460,7 +478,10 @@ class _Run:
             "pretrain_fraction": self.progress.tokens_seen / pretrain if pretrain else None,
             "data": {
                 "train": recipe.data.train,
-                "eval": recipe.data.eval or f"{recipe.data.eval_fraction} of data.train held out",
+                "eval": recipe.data.eval or (
+                    f"the first {recipe.data.eval_blocks} blocks of the data.train stream held out" if recipe.data.streaming
+                    else f"{recipe.data.eval_fraction} of data.train held out"
+                ),
                 "train_tokens": self.data.stats["train_tokens"],
             },
             "final_eval": {

@@ -19,6 +19,8 @@ class TrainingPlan:
     steps: int  # optimizer steps for the whole run
     warmup_steps: int
     pretrain_tokens: int | None
+    streaming: bool = False  # data.streaming: read on the fly, each process its share of the stream
+    data_seconds: float | None = None  # how long preparing the data took (on the main process), once known
 
     @property
     def tokens_per_step(self) -> int:
@@ -53,8 +55,33 @@ class TrainingPlan:
             ("steps", f"{self.steps:,} (warmup {self.warmup_steps:,})"),
             ("total tokens", f"{self.total_tokens:,}"),
             ("pre-training", fraction),
+            ("data", self.data_mode()),
+            ("shares", self.data_shares()),
         ]
+        if self.data_seconds is not None:
+            rows.append(("data ready", f"in {self.data_seconds:.1f} s"))
         return "\n".join(f"  {name:<13} {value}" for name, value in rows)
+
+    def data_mode(self) -> str:
+        if self.streaming:
+            return "streamed: read, tokenised and packed on the fly (data.streaming)"
+        return "prepared: tokenised and packed before step 1, once per machine, and cached"
+
+    def data_shares(self) -> str:
+        n = self.processes
+        if self.streaming:
+            if n == 1:
+                return "one process reads every block of the stream"
+            return (f"process i of {n} reads every {_ordinal(n)} block of the stream (blocks i, i+{n}, i+{2 * n}, ...); "
+                    "each process reads and tokenises the whole stream to find its blocks")
+        if n == 1:
+            return "one process reads every block, in the seeded order"
+        return f"process i of {n} reads micro batches i, i+{n}, ... of the seeded order (accelerate's sharded sampler)"
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def plan_training(recipe: Recipe, processes: int) -> TrainingPlan:
@@ -99,4 +126,5 @@ def plan_training(recipe: Recipe, processes: int) -> TrainingPlan:
         steps=steps,
         warmup_steps=warmup,
         pretrain_tokens=budget.pretrain_tokens,
+        streaming=recipe.data.streaming,
     )

@@ -33,17 +33,20 @@ class ModelSection(_Section):
 
 
 class DataSection(_Section):
-    train: str | list[str]  # files (.txt, .jsonl, .json, .parquet), a `datasets` dir, a hub id, or stdlib-docs:train
+    train: str | list[str]  # files (.txt, .jsonl, .json, .parquet), a folder of them, a `datasets` dir, a hub id, or stdlib-docs:train
     eval: str | list[str] | None = None  # same kinds; None: hold out eval_fraction of the train documents
     eval_fraction: float = Field(0.05, gt=0, lt=1)
     text_field: str = "text"
     hub_config: str | None = None  # dataset configuration name, for hub ids
-    train_split: str = "train"  # split used from a hub dataset or a saved DatasetDict
+    train_split: str = "train"  # split used from a hub dataset, a folder of data files or a saved DatasetDict
     eval_split: str = "validation"
     block_size: int = Field(1024, ge=2)
     pack: bool = True  # concatenate documents (EOS between) into full blocks; False: one padded document per block
     cache_dir: str | None = None  # tokenised, packed data lives here; default ~/.cache/gqa/data
-    num_proc: int = Field(1, ge=1)  # processes for tokenisation
+    num_proc: int = Field(1, ge=1)  # processes for tokenisation (not streamed)
+    streaming: bool = False  # read, tokenise and pack data.train on the fly instead of preparing all of it first
+    shuffle_buffer: int = Field(1000, ge=1)  # streamed: each run of N consecutive blocks is yielded in a seeded order
+    eval_blocks: int = Field(256, ge=1)  # streamed, no data.eval: blocks held out from the start of the stream
 
 
 class BudgetSection(_Section):
@@ -162,6 +165,10 @@ class Recipe(_Section):
         identity["budget"].pop("stop_at_step")
         identity["data"].pop("cache_dir")
         identity["data"].pop("num_proc")
+        # Keys a run's way of reading data leaves unused change nothing it computes.
+        unused = ("eval_fraction",) if self.data.streaming else ("streaming", "shuffle_buffer", "eval_blocks")
+        for key in unused:
+            identity["data"].pop(key)
         return identity
 
 

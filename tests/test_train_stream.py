@@ -1,0 +1,266 @@
+"""Streamed training data (data.streaming): packing, held-out blocks, shares, resume, one process and two.
+
+The corpus is real text: the docstrings of a few standard-library modules, written by the fixture as
+four parquet shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from itertools import islice
+from pathlib import Path
+from types import SimpleNamespace
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from gqa.convert.errors import GQAError
+from gqa.train import dataset
+from gqa.train.api import load_recipe, run_recipe
+from gqa.train.dataset import prepare_data
+from gqa.train.plan import plan_training
+from gqa.train.recipe import DataSection
+from train_helpers import EVAL_MODULES, REPO, TRAIN_MODULES, docs_text, make_model, tiny_overrides
+
+RECIPE = REPO / "recipes" / "tiny-cpu.yaml"
+TESTS = Path(__file__).resolve().parent
+SHARDS = (TRAIN_MODULES[:2], TRAIN_MODULES[2:3], TRAIN_MODULES[3:5], TRAIN_MODULES[5:])  # ~110, 85, 140, 70 blocks of 64
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("train-stream")
+    shards = root / "shards"
+    shards.mkdir()
+    for i, modules in enumerate(SHARDS):
+        documents = docs_text(modules).strip().split("\n\n")
+        datasets.Dataset.from_dict({"text": documents}).to_parquet(str(shards / f"train-{i:05d}.parquet"))
+    held = root / "heldout.txt"
+    held.write_text(docs_text(EVAL_MODULES))
+    model = make_model(root)
+    return SimpleNamespace(root=root, model=model, tokenizer=AutoTokenizer.from_pretrained(model), shards=shards,
+                           files=sorted(shards.glob("*.parquet")), held=held, cache=root / "cache")
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["OMP_NUM_THREADS"] = "1"  # two processes on two cores
+    return env
+
+
+def section(ws, **extra) -> DataSection:
+    """The four shards, streamed, in blocks of 64 tokens."""
+    return DataSection(**{"train": [str(f) for f in ws.files], "cache_dir": str(ws.cache), "block_size": 64, "streaming": True, **extra})
+
+
+def rows(stream, count: int) -> list[bytes]:
+    """The first `count` blocks a stream yields, as bytes (comparable, hashable)."""
+    return [np.asarray(row["input_ids"], dtype=np.int64).tobytes() for row in islice(iter(stream), count)]
+
+
+def overrides(ws, out: Path, **extra) -> list[str]:
+    """tiny-cpu, streamed from the shards, with held-out blocks from the stream (data.eval null)."""
+    values = {"data.streaming": "true", "data.eval": "null", "data.eval_blocks": 8, "data.shuffle_buffer": 32,
+              "eval.max_blocks": 8, "budget.steps": 6, "checkpoint.every": 2, **extra}  # fmt: skip
+    train = values.pop("data.train", "[" + ", ".join(str(f) for f in ws.files) + "]")
+    return tiny_overrides(ws.model, train, ws.held, out, ws.cache, **values)
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+
+
+# --- the stream itself ----------------------------------------------------------------------------
+
+
+def test_streamed_blocks_are_the_prepared_blocks_in_stream_order(ws):
+    """Packing is shared: unshuffled, an epoch of the stream is the prepared blocks, in file order, then again."""
+    prepared = prepare_data(section(ws, streaming=False, eval=str(ws.held)), ws.tokenizer, ws.model, seed=0)
+    streamed = prepare_data(section(ws, eval=str(ws.held), shuffle_buffer=1), ws.tokenizer, ws.model, seed=0)
+    assert streamed.streaming and not prepared.streaming
+    expected = [np.asarray(ids, dtype=np.int64).tobytes() for ids in prepared.train["input_ids"]]
+    assert len(expected) > 300
+    assert rows(streamed.train, 2 * len(expected) + 5) == (expected * 3)[: 2 * len(expected) + 5]  # epochs repeat
+    # data.eval's blocks are prepared (and cached) as always
+    assert streamed.eval["input_ids"] == prepared.eval["input_ids"]
+    assert streamed.stats["held_out_blocks"] == 0 and streamed.stats["train_tokens"] is None
+
+
+def test_held_out_blocks_are_the_first_blocks_of_the_stream_and_never_trained_on(ws, monkeypatch):
+    blocks = rows(prepare_data(section(ws, eval=str(ws.held), shuffle_buffer=1), ws.tokenizer, ws.model, seed=0).train, 1000)
+    epoch = len(prepare_data(section(ws, streaming=False, eval=str(ws.held)), ws.tokenizer, ws.model, seed=0).train)
+    data = prepare_data(section(ws, eval_blocks=20, shuffle_buffer=50), ws.tokenizer, ws.model, seed=0)
+    held = [np.asarray(ids, dtype=np.int64).tobytes() for ids in data.eval["input_ids"]]
+    assert held == blocks[:20] and data.stats["held_out_blocks"] == 20
+    # Two epochs and more of training, shuffled within runs of 50 blocks: the other blocks, each once an epoch.
+    trained = rows(data.train, 2 * (epoch - 20) + 50)
+    assert not set(held) & set(trained)
+    whole_runs = (2 * (epoch - 20)) // 50 * 50
+    assert sorted(trained[:whole_runs]) == sorted((blocks[20:epoch] * 3)[:whole_runs])
+    assert trained[:50] != blocks[20:70] and sorted(trained[:50]) == sorted(blocks[20:70])  # really shuffled
+    # The held-out blocks are read once: a second preparation reads them from the cache.
+    monkeypatch.setattr(dataset, "_write_held_out", lambda *a: pytest.fail("the held-out blocks were read again"))
+    again = prepare_data(section(ws, eval_blocks=20, shuffle_buffer=50), ws.tokenizer, ws.model, seed=0)
+    assert again.eval["input_ids"] == data.eval["input_ids"]
+
+
+@pytest.mark.parametrize("processes", [2, 3])  # 2 divides the 4 shards, 3 does not: the split never follows shards
+def test_each_process_keeps_every_nth_block_of_one_stream(ws, processes):
+    one = rows(prepare_data(section(ws, eval_blocks=8, shuffle_buffer=32), ws.tokenizer, ws.model, seed=3).train, 600)
+    shares = [rows(prepare_data(section(ws, eval_blocks=8, shuffle_buffer=32), ws.tokenizer, ws.model, seed=3,
+                                process_index=i, num_processes=processes).train, 600 // processes) for i in range(processes)]
+    assert [one[i::processes] for i in range(processes)] == shares
+    other_seed = rows(prepare_data(section(ws, eval_blocks=8, shuffle_buffer=32), ws.tokenizer, ws.model, seed=4).train, 600)
+    assert other_seed != one and sorted(other_seed[:576]) == sorted(one[:576])  # 576: whole runs of 32
+
+
+def test_prepared_data_is_built_by_the_first_process_inside_local_main_process_first(ws, tmp_path, monkeypatch):
+    """accelerate's local_main_process_first lets the first process of a machine run the block while the
+    others wait; they then find the cache. Everything that builds must happen inside it."""
+    inside = []
+
+    @contextlib.contextmanager
+    def first():
+        inside.append(True)
+        yield
+        inside.append(False)
+
+    build = dataset._build
+    built = []
+    monkeypatch.setattr(dataset, "_build", lambda *a: (built.append(inside[-1:] == [True]), build(*a)))
+    write_held_out = dataset._write_held_out
+    monkeypatch.setattr(dataset, "_write_held_out", lambda *a: (built.append(inside[-1:] == [True]), write_held_out(*a)))
+    text = tmp_path / "docs.txt"
+    text.write_text(docs_text(TRAIN_MODULES[:2]))
+    for data in (DataSection(train=str(text), cache_dir=str(tmp_path), block_size=32),
+                 DataSection(train=str(text), cache_dir=str(tmp_path), block_size=32, streaming=True, eval_blocks=4)):
+        prepare_data(data, ws.tokenizer, ws.model, seed=0, local_main_process_first=first)
+    assert built == [True, True] and inside[-1] is False
+
+
+def test_the_plan_says_how_data_is_read_and_shared(ws, tmp_path):
+    streamed = load_recipe(RECIPE, overrides(ws, tmp_path / "o", **{"batch.micro": 2}))
+    two = plan_training(streamed, 2).describe()
+    assert "streamed: read, tokenised and packed on the fly" in two
+    assert "process i of 2 reads every 2nd block of the stream (blocks i, i+2, i+4, ...)" in two
+    assert "one process reads every block of the stream" in plan_training(streamed, 1).describe()
+    prepared = load_recipe(RECIPE, tiny_overrides(ws.model, ws.held, ws.held, tmp_path / "p", ws.cache, **{"batch.micro": 2}))
+    assert "prepared: tokenised and packed before step 1, once per machine" in plan_training(prepared, 2).describe()
+    assert "process i of 2 reads micro batches i, i+2, ..." in plan_training(prepared, 2).describe()
+
+
+def test_a_run_is_the_same_run_whatever_the_keys_its_way_of_reading_leaves_unused(ws, tmp_path):
+    """Resuming compares run identities: a prepared run ignores the stream's keys, a streamed one eval_fraction."""
+    prepared = tiny_overrides(ws.model, ws.held, ws.held, tmp_path / "p", ws.cache)
+    identity = load_recipe(RECIPE, prepared).run_identity()
+    assert load_recipe(RECIPE, [*prepared, "data.eval_blocks=9", "data.shuffle_buffer=7"]).run_identity() == identity
+    assert load_recipe(RECIPE, [*prepared, "data.streaming=true"]).run_identity() != identity
+    streamed = overrides(ws, tmp_path / "s")
+    identity = load_recipe(RECIPE, streamed).run_identity()
+    assert load_recipe(RECIPE, [*streamed, "data.eval_fraction=0.2"]).run_identity() == identity
+    assert load_recipe(RECIPE, [*streamed, "data.eval_blocks=9"]).run_identity() != identity
+
+
+# --- training from a stream -------------------------------------------------------------------------
+
+
+def test_a_streamed_run_resumed_at_a_checkpoint_equals_an_uninterrupted_one_bit_for_bit(ws, tmp_path, caplog):
+    # One small shard (~70 blocks; 8 held out): 6 steps of 16 blocks cross into the second epoch.
+    small = str(ws.files[3])
+    caplog.set_level(logging.INFO, logger="gqa.train.loop")
+    whole = run_recipe(RECIPE, overrides(ws, tmp_path / "whole", **{"data.train": small}))
+    plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("plan:"))
+    assert "streamed" in plan and "data ready    in " in plan
+    assert whole.plan.data_seconds is not None
+
+    out = tmp_path / "split"
+    first = run_recipe(RECIPE, overrides(ws, out, **{"data.train": small, "budget.stop_at_step": 3}))
+    assert not first.finished and sorted(first.losses) == [1, 2, 3]
+    assert (out / "checkpoints" / "step-00000003" / "custom_checkpoint_0.pkl").is_file()  # the stream's position
+    second = run_recipe(RECIPE, overrides(ws, out, **{"data.train": small}))
+    assert second.finished and sorted(second.losses) == [4, 5, 6]
+
+    assert {**first.losses, **second.losses} == whole.losses  # exactly: the same blocks in the same steps
+    assert second.tokens_seen == whole.tokens_seen == 6 * 16 * 64
+    assert second.final_eval == whole.final_eval
+    expected, resumed = weights(tmp_path / "whole"), weights(out)
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, resumed[name]), name
+
+
+def test_two_processes_match_one_and_resume_bit_for_bit(ws, tmp_path):
+    """One torchrun launch, three runs: two processes uninterrupted, then stopped at step 3 and resumed."""
+    common = {"batch.global_sequences": 8, "batch.micro": 2, "optimizer.lr": 3e-4}
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    command = [torchrun, "--nproc_per_node", "2", "--master_port", "29534", str(TESTS / "train_ddp_worker.py"),
+               str(RECIPE), str(dump), *overrides(ws, tmp_path / "unused", **common),
+               "@whole", f"output.dir={tmp_path / 'two'}",
+               "@first", f"output.dir={tmp_path / 'split'}", "budget.stop_at_step=3",
+               "@second", f"output.dir={tmp_path / 'split'}"]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    def dumped(name: str, rank: int = 0) -> tuple[dict, dict[str, torch.Tensor]]:
+        record = json.loads((dump / f"{name}-rank{rank}.json").read_text())
+        record["losses"] = {int(k): v for k, v in record["losses"].items()}
+        return record, load_file(dump / f"{name}-rank{rank}.safetensors")
+
+    (two, two_weights), (first, _), (second, resumed) = dumped("whole"), dumped("first"), dumped("second")
+    assert two["processes"] == 2 and two["accumulation"] == 2
+    assert "process i of 2 reads every 2nd block of the stream" in two["plan"]
+    # Resumed with two processes: bit for bit the uninterrupted run.
+    assert not first["finished"] and {**first["losses"], **second["losses"]} == two["losses"]
+    assert all(torch.equal(two_weights[name], resumed[name]) for name in two_weights)
+    assert all(torch.equal(two_weights[name], dumped("whole", 1)[1][name]) for name in two_weights)
+
+    # One process, each global batch in one forward pass: the same blocks in every step.
+    one = run_recipe(RECIPE, overrides(ws, tmp_path / "one", **{**common, "batch.micro": 8}))
+    assert one.plan.processes == 1 and one.tokens_seen == two["tokens_seen"]
+    for step, loss in one.losses.items():
+        assert two["losses"][step] == pytest.approx(loss, abs=1e-5), step
+    assert two["final_eval"]["loss"] == pytest.approx(one.final_eval["loss"], abs=1e-5)
+    single = weights(tmp_path / "one")
+    for name, tensor in single.items():
+        torch.testing.assert_close(two_weights[name], tensor, atol=1e-5, rtol=0, msg=name)
+
+
+# --- errors before training -------------------------------------------------------------------------
+
+
+def expect_failure(ws, out: Path, pattern: str, **extra) -> None:
+    with pytest.raises(GQAError, match=pattern):
+        run_recipe(RECIPE, overrides(ws, out, **extra))
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+
+
+def test_a_missing_file_split_or_dataset_fails_before_training(ws, tmp_path, monkeypatch):
+    missing = ws.shards / "train-00009.parquet"
+    expect_failure(ws, tmp_path / "a", r"data\.train: .*train-00009\.parquet does not exist",
+                   **{"data.train": f"[{ws.files[0]}, {missing}]"})
+    # A folder of shards: its split comes from the file names (train-*.parquet).
+    expect_failure(ws, tmp_path / "b", r"data\.train: could not read split 'validation' \(data\.train_split\) of the "
+                   r"folder .*shards: .*Available splits: \['train'\]", **{"data.train": ws.shards, "data.train_split": "validation"})
+    expect_failure(ws, tmp_path / "c", r"data\.text_field='body' is not a column of .*train-00000\.parquet \(columns: text\)",
+                   **{"data.text_field": "body"})
+    expect_failure(ws, tmp_path / "d", r"data\.eval: .*nowhere\.txt does not exist", **{"data.eval": tmp_path / "nowhere.txt"})
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no network here: fail at once, as a missing dataset does
+    expect_failure(ws, tmp_path / "e", r"data\.train: 'no-such-user/no-such-dataset' is not a local path and could not be "
+                   r"loaded as a hub dataset \(config None, split train; data\.train_split\)",
+                   **{"data.train": "no-such-user/no-such-dataset"})
+    expect_failure(ws, tmp_path / "f", r"data\.eval_blocks=500 holds out the whole of data\.train \(\d+ blocks",
+                   **{"data.train": ws.files[3], "data.eval_blocks": 500})
