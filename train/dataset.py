@@ -507,36 +507,33 @@ class StreamLoader:
 
 
 def _cache_key(data: DataSection, train_sources, eval_sources, tokenizer, tokenizer_dir, seed: int) -> str:
-    identity = {
-        "format": CACHE_FORMAT,
-        "tokenizer": _tokenizer_fingerprint(tokenizer, tokenizer_dir),
-        "train": [_source_fingerprint(s) for s in train_sources],
-        "eval": [_source_fingerprint(s) for s in eval_sources],
+    return _key("blocks", data, tokenizer, tokenizer_dir,
+        train=[_source_fingerprint(s) for s in train_sources],
+        eval=[_source_fingerprint(s) for s in eval_sources],
         # the held-out fraction is drawn with the seed only when there are no eval files
-        "holdout": None if eval_sources else [data.eval_fraction, seed],
-        "text_field": data.text_field,
-        "hub_config": data.hub_config,
-        "block_size": data.block_size,
-        "pack": data.pack,
-    }
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    return f"blocks-{digest}"
+        holdout=None if eval_sources else [data.eval_fraction, seed],
+    )  # fmt: skip
 
 
 def _stream_eval_key(data: DataSection, train_sources, eval_sources, tokenizer, tokenizer_dir) -> str:
     """Streamed runs cache only their held-out blocks: data.eval's, or the first data.eval_blocks of data.train's stream."""
+    held_out = None if eval_sources else {"train": [_source_fingerprint(s) for s in train_sources], "blocks": data.eval_blocks}
+    return _key("stream-eval", data, tokenizer, tokenizer_dir, eval=[_source_fingerprint(s) for s in eval_sources],
+                held_out=held_out)  # fmt: skip
+
+
+def _key(prefix: str, data: DataSection, tokenizer, tokenizer_dir, **sources) -> str:
+    """A cache entry's name: a digest of everything that changes its blocks."""
     identity = {
         "format": CACHE_FORMAT,
         "tokenizer": _tokenizer_fingerprint(tokenizer, tokenizer_dir),
-        "eval": [_source_fingerprint(s) for s in eval_sources],
-        "held_out": None if eval_sources else {"train": [_source_fingerprint(s) for s in train_sources], "blocks": data.eval_blocks},
         "text_field": data.text_field,
         "hub_config": data.hub_config,
         "block_size": data.block_size,
         "pack": data.pack,
+        **sources,
     }
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    return f"stream-eval-{digest}"
+    return f"{prefix}-{hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]}"
 
 
 def _tokenizer_fingerprint(tokenizer, tokenizer_dir) -> dict[str, Any]:
