@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gqa.convert.perplexity import IGNORE_INDEX
+from gqa.convert.perplexity import IGNORE_INDEX, next_token_losses
 
 
 def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,10 +31,8 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items: int | None = 
 
     What the HF models compute, with num_items as their num_items_in_batch.
     """
-    flat_logits, flat_labels = shift_for_next_token(logits, labels)
-    if num_items is None:
-        return F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=IGNORE_INDEX)
-    return F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=IGNORE_INDEX, reduction="sum") / num_items
+    nll, counted = next_token_losses(logits, labels)  # the held-out loss's own per-token sums
+    return nll.sum() / (counted.sum().clamp(min=1) if num_items is None else num_items)
 
 
 def distillation_kl(
