@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from gqa.train.api import load_recipe, run_recipe
 from gqa.train.dataset import prepare_data, training_order
-from train_helpers import REPO, make_model, tiny_overrides, write_texts
+from train_helpers import REPO, make_model, tiny_overrides, torchrun, write_texts
 
 RECIPE = REPO / "recipes" / "tiny-cpu.yaml"
 TESTS = Path(__file__).resolve().parent
@@ -58,8 +58,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(ws, tmp_path
 
     dump = tmp_path / "dump"
     dump.mkdir()
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    command = [torchrun, "--nproc_per_node", "2", "--master_port", "29533", str(TESTS / "train_ddp_worker.py"),
+    command = [*torchrun(), str(TESTS / "train_ddp_worker.py"),
                str(RECIPE), str(dump), *tiny_overrides(model, train_file, eval_file, tmp_path / "two", root / "cache", **common)]
     done = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]

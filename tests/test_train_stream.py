@@ -30,7 +30,7 @@ from gqa.train.api import load_recipe, run_recipe
 from gqa.train.dataset import prepare_data
 from gqa.train.plan import plan_training
 from gqa.train.recipe import DataSection
-from train_helpers import EVAL_MODULES, REPO, TRAIN_MODULES, docs_text, make_model, tiny_overrides
+from train_helpers import EVAL_MODULES, REPO, TRAIN_MODULES, docs_text, make_model, tiny_overrides, torchrun
 
 RECIPE = REPO / "recipes" / "tiny-cpu.yaml"
 TESTS = Path(__file__).resolve().parent
@@ -206,8 +206,7 @@ def test_two_processes_match_one_and_resume_bit_for_bit(ws, tmp_path):
     common = {"batch.global_sequences": 8, "batch.micro": 2, "optimizer.lr": 3e-4}
     dump = tmp_path / "dump"
     dump.mkdir()
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    command = [torchrun, "--nproc_per_node", "2", "--master_port", "29534", str(TESTS / "train_ddp_worker.py"),
+    command = [*torchrun(), str(TESTS / "train_ddp_worker.py"),
                str(RECIPE), str(dump), *overrides(ws, tmp_path / "unused", **common),
                "@whole", f"output.dir={tmp_path / 'two'}",
                "@first", f"output.dir={tmp_path / 'split'}", "budget.stop_at_step=3",

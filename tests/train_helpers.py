@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import sys
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -71,3 +73,11 @@ def tiny_overrides(model_dir: Path, train_file: Path, eval_file: Path, output_di
     }
     values.update({k.replace("__", "."): v for k, v in extra.items()})
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def torchrun(nproc: int = 2) -> list[str]:
+    """The start of a torchrun command on a free port, with this interpreter (so any venv works)."""
+    with socket.socket() as probe:  # a free port, so concurrent runs never share a rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]
