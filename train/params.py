@@ -21,6 +21,8 @@ def trainable_names(model: nn.Module, which: str) -> set[str]:
     names = {name for name, _ in model.named_parameters()}
     if which == "all":
         return names
+    if which not in ("attention", "kv"):
+        raise GQAError(f"train.params={which}: not supported by this build; use all, attention or kv")
     family = family_for(model.config.model_type)
     if which == "kv" and family.fused_qkv:
         raise GQAError(

@@ -99,9 +99,20 @@ class ScheduleSection(_Section):
         return self
 
 
+class LoraSection(_Section):
+    """train.params: lora. Low-rank adapters (peft) on `targets`, merged into the weights on save."""
+
+    rank: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)  # adapters are scaled by alpha / rank
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] | None = None  # module names (q_proj, ...); None: the family's attention projections
+    train_kv: bool = True  # the merged key/value projections train fully (the merge changed them), no adapters on them
+
+
 class TrainSection(_Section):
-    params: Literal["all", "attention", "kv"] = "all"  # which parameters train (the paper: all)
+    params: Literal["all", "attention", "kv", "lora"] = "all"  # which parameters train (the paper: all)
     gradient_checkpointing: bool = False
+    lora: LoraSection = LoraSection()
 
 
 class LossSection(_Section):
