@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import GradientAccumulationPlugin, gather_object, set_seed
+from accelerate.utils import DistributedType, GradientAccumulationPlugin, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, get_scheduler
@@ -37,7 +37,7 @@ from gqa.convert.modeldir import DTYPES, config_dtype, dtype_name, now, provenan
 from gqa.train import rundir
 from gqa.train.dataset import PreparedData, StreamLoader, make_collate, prepare_data, training_order
 from gqa.train.losses import IGNORE_INDEX, distillation_loss
-from gqa.train.params import select_trainable
+from gqa.train.params import apply_lora, lora_record, merge_lora, select_trainable, weights_dtype
 from gqa.train.plan import TrainingPlan, plan_training
 from gqa.train.recipe import Recipe, flat_items
 
@@ -58,7 +58,7 @@ class TrainResult:
     evals: list[dict[str, float]]  # every evaluation this call ran: step, loss, perplexity, tokens
     final_eval: dict[str, float] | None
     train_seconds: float  # time in training steps this call (evaluation and checkpoints excluded)
-    model: PreTrainedModel  # the trained model on this process (unwrapped)
+    model: PreTrainedModel  # the trained model on this process (unwrapped; LoRA adapters merged once finished)
     process_index: int = 0
 
     @property
@@ -119,11 +119,14 @@ class _Run:
         self.output_dir = Path(recipe.output.dir)
         self.progress = Progress()
         self.main = accelerator.is_main_process
+        self.lora: dict[str, Any] | None = None  # train.params: lora: what the adapters are (for the provenance)
+        self.final_model: PreTrainedModel | None = None
 
     # --- setup ---------------------------------------------------------------------------------
 
     def execute(self) -> TrainResult:
         recipe, accelerator = self.recipe, self.accelerator
+        _check_lora_distribution(recipe, accelerator.distributed_type)
         set_seed(recipe.seed)
         tokenizer, data = self._setup_data()  # prints the plan, data included
         model = self._setup_model()
@@ -140,6 +143,9 @@ class _Run:
                 f"but the recipe's batch needs {self.plan.accumulation}; remove it from the config (gqa derives it)"
             )
         accelerator.register_for_checkpointing(self.progress)
+        if self.lora is not None:  # checkpoints hold the trainable parameters; the frozen base is model.path
+            accelerator.register_save_state_pre_hook(_keep_trainable_weights)
+            accelerator.register_load_state_pre_hook(_load_trainable_weights)
         if self.start is not None:
             if self.main:
                 logger.info("resuming from %s (step %d)", self.start.path, self.start.step)
@@ -177,14 +183,25 @@ class _Run:
 
     def _setup_model(self) -> PreTrainedModel:
         recipe = self.recipe
-        model = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=torch.float32)
+        # fp32 master weights; under lora the frozen base stays in the precision's dtype (see params.weights_dtype)
+        model = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=weights_dtype(recipe.train.params, recipe.precision))
         model.config.use_cache = False  # no KV cache while training
         if recipe.train.gradient_checkpointing:
             if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.x on
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        select_trainable(model, recipe.train.params)
+        if recipe.train.params != "lora":
+            select_trainable(model, recipe.train.params)
+            return model
+        # With gradient checkpointing and frozen embeddings, the checkpointed layers' inputs must still carry
+        # gradients to the adapters: transformers' activation_checkpointing_enable and peft's get_peft_model
+        # both hook the input embeddings for that (enable_input_require_grads).
+        # The adapters' initial values come from the seed alone, whatever ran before (data preparation).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(recipe.seed)
+            model = apply_lora(model, recipe.train.lora)
+        self.lora = lora_record(model, recipe.train.lora)
         return model
 
     def _setup_optimizer(self, model: PreTrainedModel):
@@ -302,6 +319,9 @@ class _Run:
     def _step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, int, torch.Tensor | None]:
         """One optimizer step on one global batch: its loss (the token mean), tokens read and grad norm."""
         accelerator, plan = self.accelerator, self.plan
+        # Random draws inside a step (dropout, LoRA's included) depend on the seed, the step and the process
+        # alone, so a resumed run draws what an uninterrupted one would, whatever ran before it.
+        torch.manual_seed(_step_seed(self.recipe.seed, self.progress.step + 1, accelerator.process_index))
         # Every micro batch's summed token loss is divided by the predicted tokens of the whole global batch
         # (all micro batches, all processes), so that count is needed before the first backward pass. One
         # collective for it and the tokens read (padding not counted); a second one for the loss after.
@@ -353,7 +373,7 @@ class _Run:
             evals=evals,
             final_eval=final_eval,
             train_seconds=train_seconds,
-            model=self.accelerator.unwrap_model(self.model),
+            model=self.final_model if self.final_model is not None else self.accelerator.unwrap_model(self.model),
             process_index=self.accelerator.process_index,
         )
 
@@ -434,9 +454,15 @@ class _Run:
     def _save_final_model(self, final_eval: dict[str, float]) -> None:
         accelerator, recipe = self.accelerator, self.recipe
         accelerator.wait_for_everyone()
-        state_dict = accelerator.get_state_dict(self.model)  # every process takes part (FSDP/ZeRO-3 gather)
-        if self.main:
+        if self.lora is not None:
+            # The adapters merged into the weights: a plain checkpoint with the model's own tensor names. Every
+            # process merges its own replica (the same numbers), so each returns the model that was saved.
+            unwrapped = self.final_model = merge_lora(accelerator.unwrap_model(self.model))
+            state_dict = unwrapped.state_dict()
+        else:
+            state_dict = accelerator.get_state_dict(self.model)  # every process takes part (FSDP/ZeRO-3 gather)
             unwrapped = accelerator.unwrap_model(self.model)
+        if self.main:
             out_dtype = _output_dtype(recipe)
             state_dict = _cast_state_dict(state_dict, out_dtype)
             unwrapped.config.use_cache = True
@@ -469,6 +495,7 @@ class _Run:
             "recipe": recipe.model_dump(mode="json", exclude={"output", "logging", "resume"}),
             "method": "distillation from model.teacher" if recipe.loss.kind == "distill" else "language modelling",
             "params": recipe.train.params,
+            **({"lora": self.lora, "lora_summary": _lora_summary(self.lora)} if self.lora else {}),
             "processes": plan.processes,
             "global_batch_sequences": plan.global_batch,
             "block_size": plan.block_size,
@@ -535,6 +562,10 @@ def _steps(loader, accumulation: int):
             batches = []
 
 
+def _step_seed(seed: int, step: int, process: int) -> int:
+    return (seed * 1_000_003 + step) * 1_009 + process
+
+
 def _predicted_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Positions whose next token has a label: what the loss averages over."""
     return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
@@ -572,6 +603,57 @@ def _accelerator_available() -> bool:
     if accelerator_api is not None:
         return bool(accelerator_api.is_available())
     return torch.cuda.is_available()
+
+
+def _check_lora_distribution(recipe: Recipe, distributed_type: DistributedType) -> None:
+    """LoRA runs on one process or DDP: the adapters are merged into full, unsharded weights before saving."""
+    if recipe.train.params == "lora" and distributed_type in (
+        DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM
+    ):
+        raise GQAError(
+            f"train.params: lora does not run under {distributed_type.value} (sharded weights cannot be merged in "
+            "place); LoRA keeps the frozen weights in 16 bits, so a 7B model fits one 24 GB GPU: launch on one "
+            "process, or with the accelerate/ddp config"
+        )
+
+
+def _lora_summary(record: dict[str, Any]) -> str:
+    """One line for the model card: what the adapters were and that they are merged."""
+    full = f"; {', '.join(record['fully_trained'])} trained fully" if record["fully_trained"] else ""
+    return (f"LoRA rank {record['rank']} (alpha {record['alpha']:g}) on {', '.join(record['targets'])}{full}; "
+            "adapters merged into the weights")
+
+
+def _trainable_names(model: torch.nn.Module) -> set[str]:
+    return {name for name, param in model.named_parameters() if param.requires_grad}
+
+
+def _keep_trainable_weights(models: list[torch.nn.Module], weights: list[dict[str, torch.Tensor]], output_dir: str) -> None:
+    """accelerate save_state hook (LoRA): the checkpoint keeps the trainable parameters only."""
+    for model, state in zip(models, weights):
+        keep = _trainable_names(model)
+        for name in [name for name in state if name not in keep]:
+            del state[name]
+
+
+def _load_trainable_weights(models: list[torch.nn.Module], input_dir: str) -> None:
+    """accelerate load_state hook (LoRA): restore the trainable parameters; the frozen ones are already
+    model.path's. Loaded here, so accelerate does not demand the frozen weights from the file."""
+    from safetensors.torch import load_file
+
+    for i, model in enumerate(list(models)):
+        path = Path(input_dir) / f"model{f'_{i}' if i else ''}.safetensors"
+        if not path.is_file():
+            raise GQAError(f"checkpoint {input_dir} holds no {path.name}; resume from another checkpoint or resume=never")
+        state = load_file(path, device=str(next(model.parameters()).device))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        trainable = _trainable_names(model)
+        if unexpected or trainable & set(missing):
+            raise GQAError(
+                f"checkpoint {input_dir} does not match this LoRA model (missing {sorted(trainable & set(missing))[:3]}, "
+                f"unexpected {sorted(unexpected)[:3]}); it was written by another train.lora setting"
+            )
+        models.remove(model)
 
 
 def _parameter_groups(model: PreTrainedModel, weight_decay: float) -> list[dict[str, Any]]:

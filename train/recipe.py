@@ -105,12 +105,12 @@ class LoraSection(_Section):
     rank: int = Field(16, gt=0)
     alpha: float = Field(32.0, gt=0)  # adapters are scaled by alpha / rank
     dropout: float = Field(0.0, ge=0, lt=1)
-    targets: list[str] | None = None  # module names (q_proj, ...); None: the family's attention projections
-    train_kv: bool = True  # the merged key/value projections train fully (the merge changed them), no adapters on them
+    targets: list[str] | None = None  # module names (q_proj, ...); None: the family's q and o projections (k, v too without train_kv)
+    train_kv: bool = True  # the merged key/value projections train fully (the merge changed them), no adapters on them; fused qkv: all of it
 
 
 class TrainSection(_Section):
-    params: Literal["all", "attention", "kv", "lora"] = "all"  # which parameters train (the paper: all)
+    params: Literal["all", "attention", "kv", "lora"] = "all"  # which parameters train (the paper: all); lora: see LoraSection
     gradient_checkpointing: bool = False
     lora: LoraSection = LoraSection()
 
@@ -180,6 +180,8 @@ class Recipe(_Section):
         unused = ("eval_fraction",) if self.data.streaming else ("streaming", "shuffle_buffer", "eval_blocks")
         for key in unused:
             identity["data"].pop(key)
+        if self.train.params != "lora":  # the adapters' settings are read only by train.params: lora
+            identity["train"].pop("lora")
         return identity
 
 
