@@ -212,16 +212,34 @@ def test_lora_resume_after_a_checkpoint_equals_an_uninterrupted_run_exactly(ws, 
         assert torch.equal(tensor, resumed[name]), name
 
 
-def test_frozen_weights_stay_in_bf16_and_the_trainable_ones_in_fp32_under_precision_bf16(ws, tmp_path):
-    result = run(ws, tmp_path / "bf16", **{"precision": "bf16", "budget.steps": 2, "budget.stop_at_step": 1,
-                                           "eval.max_blocks": 8, "schedule.warmup_steps": 0})
-    model = result.model  # stopped before the end: still the peft model that trained
+@pytest.fixture(scope="module")
+def bf16_model(ws) -> Path:
+    """The tiny model as a bf16 checkpoint (with its tokenizer)."""
+    out = ws.root / "converted-bf16"
+    AutoModelForCausalLM.from_pretrained(ws.model, dtype=torch.bfloat16).save_pretrained(out)
+    AutoTokenizer.from_pretrained(ws.model).save_pretrained(out)
+    return out
+
+
+def test_frozen_weights_keep_a_16_bit_checkpoints_dtype_and_come_out_unrounded(ws, bf16_model, tmp_path):
+    common = {"precision": "bf16", "budget.steps": 2, "eval.max_blocks": 8, "schedule.warmup_steps": 0}
+    stopped = run(ws, tmp_path / "stopped", **{"model.path": bf16_model, "budget.stop_at_step": 1, **common})
+    model = stopped.model  # stopped before the end: still the peft model that trained
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
     trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
     assert frozen == {torch.bfloat16}
     assert set(trainable.values()) == {torch.float32}
     assert {module_kind(n) for n in trainable} == {"q_proj", "o_proj", "k_proj", "v_proj"}
     assert any(".lora_" not in n for n in trainable)  # the fully trained k/v projections, turned to fp32 too
+
+    run(ws, tmp_path / "whole", **{"model.path": bf16_model, **common})
+    source, trained = load_file(bf16_model / "model.safetensors"), load_file(tmp_path / "whole" / "model.safetensors")
+    untouched = [n for n in source if not any(f".{m}." in n for m in ("q_proj", "k_proj", "v_proj", "o_proj"))]
+    assert untouched and all(trained[n].dtype == torch.bfloat16 and torch.equal(trained[n], source[n]) for n in untouched)
+    assert not torch.equal(trained["model.layers.0.self_attn.k_proj.weight"], source["model.layers.0.self_attn.k_proj.weight"])
+
+    fp32 = run(ws, tmp_path / "fp32", **{**common, "budget.stop_at_step": 1})  # an fp32 checkpoint is not rounded to bf16
+    assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
 
 
 def test_gradient_checkpointing_with_frozen_embeddings_changes_memory_not_results(ws, tmp_path):

@@ -183,8 +183,9 @@ class _Run:
 
     def _setup_model(self) -> PreTrainedModel:
         recipe = self.recipe
-        # fp32 master weights; under lora the frozen base stays in the precision's dtype (see params.weights_dtype)
-        model = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=weights_dtype(recipe.train.params, recipe.precision))
+        # fp32 master weights; under lora the frozen base keeps a 16-bit checkpoint's dtype (see params.weights_dtype)
+        stored = config_dtype(AutoConfig.from_pretrained(recipe.model.path))
+        model = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=weights_dtype(recipe.train.params, stored))
         model.config.use_cache = False  # no KV cache while training
         if recipe.train.gradient_checkpointing:
             if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.x on

@@ -4,8 +4,8 @@ or low-rank adapters (LoRA, through peft) with the merged key/value projections 
 Where the attention blocks are and which of their modules serve keys and values alone is asked of
 the family table (gqa.convert.families), the one place that knows architectures.
 
-Under `lora`, the frozen base weights are held in the run's precision (bf16: half the memory of fp32
-master weights) and only the trainable parameters in fp32; the adapters are merged into the weights
+Under `lora`, the frozen base weights of a 16-bit checkpoint stay in its dtype (half the memory of fp32
+master weights) and only the trainable parameters are fp32; the adapters are merged into the weights
 before the final model is saved, so the output is a plain checkpoint.
 """
 
@@ -19,7 +19,6 @@ from torch import nn
 
 from gqa.convert.errors import GQAError
 from gqa.convert.families import ATTENTION_PREFIX, Family, family_for
-from gqa.convert.modeldir import DTYPES
 
 if TYPE_CHECKING:
     from gqa.train.recipe import LoraSection
@@ -67,10 +66,13 @@ def select_trainable(model: nn.Module, which: str) -> list[nn.Parameter]:
 # --- LoRA -----------------------------------------------------------------------------------------
 
 
-def weights_dtype(params: str, precision: str) -> torch.dtype:
+def weights_dtype(params: str, stored: torch.dtype | None) -> torch.dtype:
     """The dtype the model's weights are loaded in: fp32 master weights, except under lora, where the
-    frozen base is held in the precision's dtype (apply_lora turns the trainable parameters to fp32)."""
-    return DTYPES[precision] if params == "lora" else torch.float32
+    frozen base keeps a 16-bit checkpoint's own dtype (half of fp32, and never rounded: the frozen
+    tensors come out as they went in); apply_lora turns the trainable parameters to fp32."""
+    if params == "lora" and stored in (torch.bfloat16, torch.float16):
+        return stored
+    return torch.float32
 
 
 def _module(rel: str) -> str:
