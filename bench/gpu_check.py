@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import socket
 import statistics
@@ -148,6 +149,13 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def fresh(folder: Path) -> Path:
+    """An empty folder (a --workdir used before keeps nothing of an earlier check)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
 
 
 def tail(text: str, chars: int = 3000) -> str:
@@ -381,7 +389,7 @@ class Check:
         if config == "zero3" and not module_available("deepspeed"):
             raise Skip("DeepSpeed is not installed (pip install deepspeed)")
         fx = self.fixture()
-        root = self.workdir / f"train-{config}"
+        root = fresh(self.workdir / f"train-{config}")
         base = [
             f"model.path={fx['converted']}", f"data.train={fx['train']}", f"data.eval={fx['heldout']}",
             f"data.cache_dir={self.workdir / 'data-cache'}", f"data.block_size={sizes.block}",
@@ -490,7 +498,7 @@ class Check:
 
     def part_eval(self) -> dict[str, Any]:
         sizes, fx = self.sizes, self.fixture()
-        report_dir = self.workdir / "eval-report"
+        report_dir = fresh(self.workdir / "eval-report")
         cmd = [sys.executable, "-m", "gqa.train.cli", "eval", str(fx["converted"]), "--baseline", str(fx["source"]),
                "--data", str(fx["heldout"]), "--seq-len", str(sizes.eval_seq_len), "--report", str(report_dir),
                "--contexts", ",".join(map(str, sizes.eval_contexts)), "--new-tokens", str(sizes.eval_new_tokens),
@@ -553,7 +561,7 @@ class Check:
             "tokenizer": str(fx["source"]),
             "train": str(fx["train"]),
             "heldout": str(fx["heldout"]),
-            "root": str(self.workdir / "throughput"),
+            "root": str(fresh(self.workdir / "throughput")),
         }
         spec_file = self.workdir / "throughput-spec.json"
         result_file = self.workdir / "throughput-result.json"
@@ -784,7 +792,7 @@ def build_fixture(root: Path, sizes: Sizes) -> dict[str, Path]:
     from gqa.convert.convert import convert
     from gqa.convert.options import ConvertOptions
 
-    root.mkdir(parents=True, exist_ok=True)
+    fresh(root)
     train, heldout = write_text_files(root, sizes)
     tokenizer = train_tokenizer(train.read_text(), sizes.vocab)
     torch.manual_seed(0)
