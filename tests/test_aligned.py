@@ -219,6 +219,7 @@ def test_cuda_device_without_a_gpu_is_refused(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_calibration_on_the_gpu_matches_the_cpu(tmp_path, calibration_file):
     model = build_family_model("llama", kv=4, seed=15)

@@ -299,6 +299,20 @@ def test_a_diverging_update_stops_the_run_and_keeps_only_finite_checkpoints(ws, 
     assert not (out / "config.json").exists()
 
 
+def test_a_gradient_norm_reported_as_a_float_is_checked_and_logged(ws, tmp_path, monkeypatch):
+    """Under DeepSpeed, accelerate's clip_grad_norm_ returns the engine's norm as a Python float."""
+    from accelerate import Accelerator
+
+    clip = Accelerator.clip_grad_norm_
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", lambda self, *args, **kw: clip(self, *args, **kw).item())
+    out = tmp_path / "float-norm"
+    result = run(ws, out, **{"budget.steps": 2, "batch.global_sequences": 4, "batch.micro": 4, "checkpoint.every": 0,
+                             "eval.max_blocks": 8})
+    assert result.finished
+    norms = [json.loads(line).get("grad_norm") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len([n for n in norms if n is not None]) == 2 and all(math.isfinite(n) for n in norms if n is not None)
+
+
 def test_unpacked_documents_are_padded_and_masked(ws, tmp_path):
     result = run(ws, tmp_path / "unpacked", **{"data.pack": "false", "budget.steps": 2, "eval.max_blocks": 16,
                                                "checkpoint.every": 0})

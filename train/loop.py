@@ -344,6 +344,8 @@ class _Run:
         if not math.isfinite(loss_value):
             self._fail_non_finite("training loss", loss_value)
         grad_norm = accelerator.clip_grad_norm_(self.trainable, self.recipe.optimizer.max_grad_norm or math.inf)
+        if grad_norm is not None and not torch.is_tensor(grad_norm):  # DeepSpeed's engine reports a Python float
+            grad_norm = torch.tensor(float(grad_norm))
         if grad_norm is not None and self.recipe.precision != "fp16" and not math.isfinite(grad_norm.item()):
             # (fp16's loss scaler skips such steps by itself)
             self._fail_non_finite("gradient norm", grad_norm.item())
@@ -537,7 +539,7 @@ class _Window:
         self.losses.append(loss)
         self.tokens += tokens
         self.seconds += seconds
-        if grad_norm is not None:  # DeepSpeed clips inside its engine and reports no norm
+        if grad_norm is not None:  # DeepSpeed clips inside its engine: no norm before its first step
             self.grad_norms.append(grad_norm)
 
     def summary(self) -> dict[str, float]:
