@@ -661,8 +661,9 @@ def _load_trainable_weights(models: list[torch.nn.Module], input_dir: str) -> No
 
 def _parameter_groups(model: PreTrainedModel, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices only: decaying norms and biases pulls them away from their role."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    # Under ZeRO-3 (zero.Init) a parameter's own data is an empty placeholder; ds_shape is its real shape.
+    decay = [p for p in model.parameters() if p.requires_grad and len(getattr(p, "ds_shape", p.shape)) >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and len(getattr(p, "ds_shape", p.shape)) < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

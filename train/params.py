@@ -198,6 +198,7 @@ def lora_record(model: nn.Module, lora: LoraSection) -> dict[str, Any]:
 
 
 def _log_trainable(model: nn.Module, which: str) -> None:
-    total = sum(p.numel() for p in model.parameters())
-    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # Under ZeRO-3 (zero.Init) a parameter's own data is an empty placeholder; ds_numel is its real size.
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    count = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     logger.info("training %s parameters: %s of %s (%.1f%%)", which, f"{count:,}", f"{total:,}", 100 * count / total)
