@@ -443,10 +443,10 @@ def _prepare_stream(
             "(e.g. parquet shards in a folder) for each process to read only its own", len(files), num_processes,
             ordinal(num_processes), num_processes,
         )
-    if num_processes > 1:
-        shown = ", ".join(names[j] for j in train.files[:3]) + (", ..." if len(train.files) > 3 else "")
-        logger.info("data: process %d of %d reads %d of the stream's %d files: %s", process_index, num_processes,
-                    len(train.files), len(files), shown)  # fmt: skip
+    if train.sharded and num_processes > 1 and process_index == 0:  # the plan gives the rule; these are the names
+        for rank in range(min(num_processes, 4)):
+            own = names[rank::num_processes]
+            logger.info("data: process %d reads %s%s", rank, ", ".join(own[:3]), f" and {len(own) - 3} more" if len(own) > 3 else "")
     stats = stats | {"train_documents": None, "train_tokens": None, "train_blocks": None, "streaming": True,
                      "stream_files": len(files)}  # fmt: skip
     return PreparedData(train=train, eval=eval_, stats=stats | {"cache_dir": str(cache_dir)})
