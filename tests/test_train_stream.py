@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -28,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from gqa.convert.errors import GQAError
 from gqa.train import dataset
 from gqa.train.api import load_recipe, run_recipe
-from gqa.train.dataset import StreamLoader, make_collate, prepare_data
+from gqa.train.dataset import StreamLoader, StreamShare, make_collate, prepare_data
 from gqa.train.plan import plan_training
 from gqa.train.recipe import DataSection
 from train_helpers import EVAL_MODULES, REPO, TRAIN_MODULES, docs_text, make_model, tiny_overrides, torchrun
@@ -140,28 +141,28 @@ def test_each_process_keeps_every_nth_block_of_one_stream(ws, processes, caplog)
     else:
         assert all(share.files == [0, 1, 2, 3] for share in shares)
         assert len(warned) == 1 and "has 4 file(s)" in warned[0] and "a multiple of 3 files" in warned[0]
+        assert "tokenises the whole stream and keeps 1 block in 3" in warned[0]
     other_seed = rows(prepare_data(section(ws, eval_blocks=8, shuffle_buffer=32), ws.tokenizer, ws.model, seed=4).train, 600)
     assert other_seed != one and sorted(other_seed[:576]) == sorted(one[:576])  # 576: whole runs of 8 blocks of each file
 
 
-class Unopenable:
-    """A file stream that must not be read."""
+@pytest.mark.parametrize(("files", "processes"), [(4, 2), (6, 3), (4, 3), (6, 4), (1, 2)])
+def test_process_i_of_n_yields_blocks_i_i_plus_n_of_the_files_taken_in_turn(files, processes):
+    """Global block k is block k div S of file k mod S. Process i of N yields global blocks i, i+N, ... and reads
+    only files i mod g, + g, ... (g = gcd(S, N)): when N divides S, exactly its own blocks and nothing else."""
 
-    def __iter__(self):
-        pytest.fail("a process opened another process's file")
+    def stream(file: int) -> datasets.IterableDataset:  # blocks [file, 0], [file, 1], ..., without end
+        return datasets.Dataset.from_dict({"input_ids": [[file, b] for b in range(40)]}).to_iterable_dataset().repeat(None)
 
-    def load_state_dict(self, state):
-        pytest.fail("a process restored another process's file")
-
-
-def test_a_process_opens_only_its_own_files(ws):
-    """With 4 files and 2 processes, process 1 tokenises files 1 and 3 and nothing else."""
-    one = rows(prepare_data(section(ws, eval_blocks=8, shuffle_buffer=32), ws.tokenizer, ws.model, seed=3).train, 400)
-    share = prepare_data(section(ws, eval_blocks=8, shuffle_buffer=32), ws.tokenizer, ws.model, seed=3,
-                         process_index=1, num_processes=2).train  # fmt: skip
-    share.streams[0] = share.streams[2] = Unopenable()
-    assert rows(share, 200) == one[1::2]
-    assert sorted(share.read) == [1, 3]
+    names = [f"file{f}" for f in range(files)]
+    whole = [row["input_ids"] for row in islice(StreamShare([stream(f) for f in range(files)], names), 240)]
+    assert whole == [[k % files, k // files % 40] for k in range(240)]
+    for rank in range(processes):
+        share = StreamShare([stream(f) for f in range(files)], names, rank, processes)
+        assert [row["input_ids"] for row in islice(share, 240 // processes)] == whole[rank::processes]
+        apart = math.gcd(files, processes)
+        assert sorted(share.read) == share.files == list(range(rank % apart, files, apart))
+        assert (sum(share.read.values()) == 240 // processes) == (files % processes == 0)  # nothing read but its own
 
 
 def test_a_share_resumes_exactly_from_its_state_even_twice_in_a_row(ws):
@@ -214,8 +215,11 @@ def test_the_plan_says_how_data_is_read_and_shared(ws, tmp_path):
     assert "streamed: read, tokenised and packed on the fly" in two
     assert "process i of 2 reads files i, i+2, ... of the stream's 4 (2 each): blocks i, i+2, i+4, ... of the stream" in two
     three = replace(plan_training(streamed, 2), stream_files=3).describe()
-    assert ("process i of 2 reads all 3 file(s) of the stream and keeps every 2nd block (blocks i, i+2, i+4, ... of the "
-            "stream), as 3 file(s) do not split evenly among 2 processes; split data.train into a multiple of 2 files") in three
+    assert ("process i of 2 reads all 3 file(s) of the stream and keeps 1 block in 2 of what it reads (blocks i, i+2, "
+            "i+4, ... of the stream), as 3 file(s) do not split evenly among 2 processes; split data.train into a multiple "
+            "of 2 files") in three
+    six = replace(plan_training(load_recipe(RECIPE, overrides(ws, tmp_path / "o", **{"batch.micro": 1})), 4), stream_files=6)
+    assert "process i of 4 reads files i mod 2, +2, ... (3 of 6) of the stream and keeps 1 block in 2" in six.describe()
     assert "one process reads all 4 file(s) of the stream, every block" in replace(plan_training(streamed, 1), stream_files=4).describe()
     prepared = load_recipe(RECIPE, tiny_overrides(ws.model, ws.held, ws.held, tmp_path / "p", ws.cache, **{"batch.micro": 2}))
     assert "prepared: tokenised and packed before step 1, once per machine" in plan_training(prepared, 2).describe()

@@ -61,7 +61,6 @@ from gqa.convert.errors import GQAError
 from gqa.convert import corpus
 from gqa.convert.modeldir import tokenizer_files
 from gqa.convert.text import chunk_tokens, document_window, encode_documents, leading_bos
-from gqa.train.plan import ordinal
 from gqa.train.recipe import DataSection
 
 logger = logging.getLogger(__name__)
@@ -437,15 +436,16 @@ def _prepare_stream(
     if eval_sources and _first_row(files[first][1], names[first], "data.train") is None:  # (held out: checked when cached)
         raise GQAError(_no_blocks_message(data) if len(files) == 1 else empty.format(name=names[first]))
     if not train.sharded and process_index == 0:
+        share = "the whole stream" if len(train.files) == len(files) else f"{len(train.files)} of its files"
         logger.warning(
-            "data: data.train has %d file(s), which do not split evenly among %d processes: every process reads and "
-            "tokenises the whole stream and keeps every %s block. Split the data into a multiple of %d files "
+            "data: data.train has %d file(s), which do not split evenly among %d processes: each process reads and "
+            "tokenises %s and keeps 1 block in %d of what it reads. Split the data into a multiple of %d files "
             "(e.g. parquet shards in a folder) for each process to read only its own", len(files), num_processes,
-            ordinal(num_processes), num_processes,
+            share, num_processes * len(train.files) // len(files), num_processes,
         )
-    if train.sharded and num_processes > 1 and process_index == 0:  # the plan gives the rule; these are the names
+    if num_processes > 1 and process_index == 0:  # the plan gives the rule; these are the names
         for rank in range(min(num_processes, 4)):
-            own = names[rank::num_processes]
+            own = [names[j] for j in StreamShare(files, names, rank, num_processes).files]
             logger.info("data: process %d reads %s%s", rank, ", ".join(own[:3]), f" and {len(own) - 3} more" if len(own) > 3 else "")
     stats = stats | {"train_documents": None, "train_tokens": None, "train_blocks": None, "streaming": True,
                      "stream_files": len(files)}  # fmt: skip
@@ -530,9 +530,10 @@ def _no_blocks_message(data: DataSection) -> str:
 class StreamShare(torch.utils.data.IterableDataset):
     """Process `rank` of `processes`'s blocks of the global stream: its blocks rank, rank+N, rank+2N, ...
 
-    Global block k is block k div S of file stream k mod S (S = len(streams)). When N divides S, the blocks of
-    file streams rank, rank+N, ... are exactly this process's, and only those are opened; otherwise every
-    file stream is read and the other processes' blocks are dropped. The position (state_dict) is the next
+    Global block k is block k div S of file stream k mod S (S = len(streams)), so this process needs file
+    streams rank mod g, rank mod g + g, ... (g = gcd(S, N)) and opens only those. When N divides S (g = N),
+    all their blocks are its own; otherwise it reads the other processes' blocks of them too and drops them
+    (with g = 1, every file). The position (state_dict) is the next
     global block and, for each file stream read, the blocks read from it and datasets' own state_dict after
     the last one. That state is kept here rather than asked of a stream again: datasets reports a fresh
     position for a stream restored with load_state_dict until it yields again.
@@ -541,7 +542,8 @@ class StreamShare(torch.utils.data.IterableDataset):
     def __init__(self, streams: Sequence[datasets.IterableDataset], names: Sequence[str], rank: int = 0,
                  processes: int = 1, empty: str = "data.train: {name} ran out of blocks"):  # fmt: skip
         self.streams, self.names, self.rank, self.processes = list(streams), list(names), rank, processes
-        self.sharded = len(self.streams) % processes == 0
+        self.files_apart = math.gcd(len(self.streams), processes)  # g: its files are rank mod g, + g, + 2g, ...
+        self.sharded = self.files_apart == processes  # reads only its own blocks
         self.empty = empty  # the error when a file stream ends, with {name}
         self.next = rank  # the next global block this process yields
         self.read: dict[int, int] = {}  # file stream -> blocks read from it
@@ -551,7 +553,7 @@ class StreamShare(torch.utils.data.IterableDataset):
     @property
     def files(self) -> list[int]:
         """The file streams this process reads."""
-        return list(range(self.rank, len(self.streams), self.processes)) if self.sharded else list(range(len(self.streams)))
+        return list(range(self.rank % self.files_apart, len(self.streams), self.files_apart))
 
     def __iter__(self):
         count = len(self.streams)
@@ -563,7 +565,7 @@ class StreamShare(torch.utils.data.IterableDataset):
                     self.streams[j].load_state_dict(self.states[j])
                 iterators[j] = iter(self.streams[j])
             block = None
-            while self.read.get(j, 0) <= index:  # one block when sharded; else the other processes' blocks go by
+            while self.read.get(j, 0) <= index:  # one block when sharded; else other processes' blocks go by first
                 block = next(iterators[j], None)
                 if block is None:
                     self.ended = (self.names[j], self.read.get(j, 0))

@@ -78,17 +78,14 @@ class TrainingPlan:
             blocks = f"blocks i, i+{n}, i+{2 * n}, ... of the stream"
             if files % n == 0:
                 return f"process i of {n} reads files i, i+{n}, ... of the stream's {files} ({files // n} each): {blocks}"
-            return (f"process i of {n} reads all {files} file(s) of the stream and keeps every {ordinal(n)} block ({blocks}), "
-                    f"as {files} file(s) do not split evenly among {n} processes; split data.train into a multiple of {n} "
-                    "files for each process to read only its own")
+            apart = math.gcd(files, n)  # the files a process needs are i mod apart, + apart, ... (StreamShare)
+            which = f"all {files} file(s)" if apart == 1 else f"files i mod {apart}, +{apart}, ... ({files // apart} of {files})"
+            return (f"process i of {n} reads {which} of the stream and keeps 1 block in {n // apart} of what it reads "
+                    f"({blocks}), as {files} file(s) do not split evenly among {n} processes; split data.train into a "
+                    f"multiple of {n} files for each process to read only its own")
         if n == 1:
             return "one process reads every block, in the seeded order"
         return f"process i of {n} reads micro batches i, i+{n}, ... of the seeded order (accelerate's sharded sampler)"
-
-
-def ordinal(n: int) -> str:
-    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
-    return f"{n}{suffix}"
 
 
 def plan_training(recipe: Recipe, processes: int) -> TrainingPlan:
