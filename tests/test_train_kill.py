@@ -134,10 +134,10 @@ def test_a_run_killed_at_a_random_step_and_while_checkpointing_resumes_bit_for_b
     wait_for(holding.exists, run, log, "a checkpoint write")
     kill(run)
     assert steps_logged(killed)[logged] == resume_from + 1  # it resumed from the last complete checkpoint
-    cut_short = rundir.partial_path(killed, resume_from + 2)
+    assert latest_checkpoint(killed) == resume_from  # the write cut short is not taken for a checkpoint
+    cut_short = rundir.partial_path(killed, resume_from + 2)  # it was under way: the weights and optimizer written
     assert (cut_short / "model.safetensors").is_file() and (cut_short / "optimizer.bin").is_file()
     assert not (cut_short / rundir.CHECKPOINT_MARKER).exists()
-    assert latest_checkpoint(killed) == resume_from  # the write cut short is not taken for a checkpoint
 
     # 3. The same command finishes the interrupted run, then makes the uninterrupted one.
     logged = len(steps_logged(killed))
