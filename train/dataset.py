@@ -21,11 +21,12 @@ in every epoch.
 Optimizer step k reads blocks [k*G, (k+1)*G) of the global stream (G the global batch), however many
 processes share it: process i of N reads blocks i, i+N, i+2N, ... When N divides S, those are all
 the blocks of file streams i, i+N, i+2N, ..., so each process opens, tokenises and packs only its
-own files; otherwise each reads every file and keeps every N-th block (and a warning says so).
-Files read at the same rate, so a small file repeats sooner than a large one: shards of similar
-size, as hub datasets have, keep the mixture in proportion.
+own files; otherwise it reads file streams i mod g, + g, ... (g = gcd(S, N); every file when g = 1)
+and drops the other processes' blocks of them, and a warning says so. Files are read at the same
+rate, so a small file repeats sooner than a large one: shards of similar size keep the mixture in
+proportion.
 
-Resuming is exact and reads nothing twice: each file stream's position is datasets' own
+Resuming is exact and does not read the stream again from its start: each file stream's position is datasets' own
 IterableDataset.state_dict(); a process's position (StreamShare.state_dict) is those of the files it
 reads and the next global block it yields. Every process's position is saved with each checkpoint
 (StreamLoader, registered with accelerator.register_for_checkpointing), so a resumed run reads
@@ -445,7 +446,7 @@ def _prepare_stream(
         )
     if num_processes > 1 and process_index == 0:  # the plan gives the rule; these are the names
         for rank in range(min(num_processes, 4)):
-            own = [names[j] for j in StreamShare(files, names, rank, num_processes).files]
+            own = [names[j] for j in share_files(len(files), rank, num_processes)]
             logger.info("data: process %d reads %s%s", rank, ", ".join(own[:3]), f" and {len(own) - 3} more" if len(own) > 3 else "")
     stats = stats | {"train_documents": None, "train_tokens": None, "train_blocks": None, "streaming": True,
                      "stream_files": len(files)}  # fmt: skip
@@ -533,17 +534,16 @@ class StreamShare(torch.utils.data.IterableDataset):
     Global block k is block k div S of file stream k mod S (S = len(streams)), so this process needs file
     streams rank mod g, rank mod g + g, ... (g = gcd(S, N)) and opens only those. When N divides S (g = N),
     all their blocks are its own; otherwise it reads the other processes' blocks of them too and drops them
-    (with g = 1, every file). The position (state_dict) is the next
-    global block and, for each file stream read, the blocks read from it and datasets' own state_dict after
-    the last one. That state is kept here rather than asked of a stream again: datasets reports a fresh
-    position for a stream restored with load_state_dict until it yields again.
+    (with g = 1, every file). The position (state_dict) is the next global block and, for each file stream
+    read, the blocks read from it and datasets' own state_dict after the last one. That state is kept here
+    rather than asked of a stream again: datasets reports a fresh position for a stream restored with
+    load_state_dict until it yields again.
     """
 
     def __init__(self, streams: Sequence[datasets.IterableDataset], names: Sequence[str], rank: int = 0,
                  processes: int = 1, empty: str = "data.train: {name} ran out of blocks"):  # fmt: skip
         self.streams, self.names, self.rank, self.processes = list(streams), list(names), rank, processes
-        self.files_apart = math.gcd(len(self.streams), processes)  # g: its files are rank mod g, + g, + 2g, ...
-        self.sharded = self.files_apart == processes  # reads only its own blocks
+        self.sharded = len(self.streams) % processes == 0  # reads only its own blocks
         self.empty = empty  # the error when a file stream ends, with {name}
         self.next = rank  # the next global block this process yields
         self.read: dict[int, int] = {}  # file stream -> blocks read from it
@@ -553,7 +553,7 @@ class StreamShare(torch.utils.data.IterableDataset):
     @property
     def files(self) -> list[int]:
         """The file streams this process reads."""
-        return list(range(self.rank % self.files_apart, len(self.streams), self.files_apart))
+        return share_files(len(self.streams), self.rank, self.processes)
 
     def __iter__(self):
         count = len(self.streams)
@@ -583,6 +583,12 @@ class StreamShare(torch.utils.data.IterableDataset):
 
     def ended_error(self) -> GQAError:
         return GQAError(self.empty.format(name=self.ended[0] if self.ended else "data.train"))
+
+
+def share_files(files: int, rank: int, processes: int) -> list[int]:
+    """The file streams process `rank` reads: those of global blocks rank, rank+N, ... (see StreamShare)."""
+    apart = math.gcd(files, processes)
+    return list(range(rank % apart, files, apart))
 
 
 class StreamLoader:
