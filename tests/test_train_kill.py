@@ -158,3 +158,27 @@ def test_a_run_killed_at_a_random_step_and_while_checkpointing_resumes_bit_for_b
         assert torch.equal(tensor, resumed_weights[name]), name
     saved, reference = load_file(killed / "model.safetensors"), load_file(tmp_path / "whole" / "model.safetensors")
     assert saved.keys() == reference.keys() and all(torch.equal(saved[k], reference[k]) for k in saved)
+
+
+def test_a_checkpoint_counts_once_renamed_and_what_a_killed_save_or_prune_left_is_cleared(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    written = rundir.partial_path(out, 4)
+    written.mkdir(parents=True)
+    (written / "model.safetensors").write_text("weights")
+    assert rundir.complete_checkpoints(out) == []  # written but not renamed: not a checkpoint
+    path = rundir.complete_checkpoint(written, 4, 1024)
+    assert path == rundir.checkpoint_path(out, 4) and not written.exists()
+    assert [(c.step, c.tokens_seen) for c in rundir.complete_checkpoints(out)] == [(4, 1024)]
+    # Leftovers: a save cut short (partial), and a pruned checkpoint whose deletion stopped after its marker.
+    rundir.partial_path(out, 6).mkdir()
+    (rundir.checkpoint_path(out, 2) / "model.safetensors").parent.mkdir()
+    (rundir.checkpoint_path(out, 2) / "model.safetensors").write_text("half deleted")
+    rundir.clear_partial(out)
+    assert sorted(p.name for p in rundir.checkpoints_dir(out).iterdir()) == ["step-00000004"]
+    for step in (6, 8):
+        rundir.partial_path(out, step).mkdir()
+        rundir.complete_checkpoint(rundir.partial_path(out, step), step, step * 256)
+    # Pruning takes the marker away first: a deletion that stops before it is done leaves no checkpoint.
+    monkeypatch.setattr(rundir.shutil, "rmtree", lambda path, ignore_errors=False: None)
+    rundir.prune_checkpoints(out, keep=2)
+    assert [c.step for c in rundir.complete_checkpoints(out)] == [6, 8] and rundir.checkpoint_path(out, 4).exists()
