@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from gqa.convert.errors import GQAError
 from gqa.train import dataset
 from gqa.train.api import load_recipe, run_recipe
-from gqa.train.dataset import prepare_data
+from gqa.train.dataset import StreamLoader, StreamShare, make_collate, prepare_data
 from gqa.train.plan import plan_training
 from gqa.train.recipe import DataSection
 from train_helpers import EVAL_MODULES, REPO, TRAIN_MODULES, docs_text, make_model, tiny_overrides, torchrun
@@ -86,14 +88,24 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
 # --- the stream itself ----------------------------------------------------------------------------
 
 
-def test_streamed_blocks_are_the_prepared_blocks_in_stream_order(ws):
-    """Packing is shared: unshuffled, an epoch of the stream is the prepared blocks, in file order, then again."""
-    prepared = prepare_data(section(ws, streaming=False, eval=str(ws.held)), ws.tokenizer, ws.model, seed=0)
+def cycled(blocks: list[bytes], count: int) -> list[bytes]:
+    return (blocks * (count // len(blocks) + 1))[:count]
+
+
+def test_the_stream_takes_each_files_prepared_blocks_in_turn(ws):
+    """Packing is shared, per file: unshuffled, global block k is block k div 4 of file k mod 4's prepared
+    blocks, each file repeating on its own."""
+    per_file = []
+    for file in ws.files:
+        prepared = prepare_data(section(ws, train=str(file), streaming=False, eval=str(ws.held)), ws.tokenizer, ws.model, seed=0)
+        per_file.append([np.asarray(ids, dtype=np.int64).tobytes() for ids in prepared.train["input_ids"]])
     streamed = prepare_data(section(ws, eval=str(ws.held), shuffle_buffer=1), ws.tokenizer, ws.model, seed=0)
-    assert streamed.streaming and not prepared.streaming
-    expected = [np.asarray(ids, dtype=np.int64).tobytes() for ids in prepared.train["input_ids"]]
-    assert len(expected) > 300
-    assert rows(streamed.train, 2 * len(expected) + 5) == (expected * 3)[: 2 * len(expected) + 5]  # epochs repeat
+    assert streamed.streaming and streamed.stats["stream_files"] == 4
+    longest = max(len(blocks) for blocks in per_file)
+    assert min(len(blocks) for blocks in per_file) > 50 and len(set(map(len, per_file))) == 4
+    count = 4 * (longest + 20)  # every file into its second epoch
+    expected = [cycled(per_file[k % 4], count // 4 + 1)[k // 4] for k in range(count)]
+    assert rows(streamed.train, count) == expected
     # data.eval's blocks are prepared (and cached) as always
     assert streamed.eval["input_ids"] == prepared.eval["input_ids"]
     assert streamed.stats["held_out_blocks"] == 0 and streamed.stats["train_tokens"] is None
@@ -101,30 +113,76 @@ def test_streamed_blocks_are_the_prepared_blocks_in_stream_order(ws):
 
 def test_held_out_blocks_are_the_first_blocks_of_the_stream_and_never_trained_on(ws, monkeypatch):
     blocks = rows(prepare_data(section(ws, eval=str(ws.held), shuffle_buffer=1), ws.tokenizer, ws.model, seed=0).train, 1000)
-    epoch = len(prepare_data(section(ws, streaming=False, eval=str(ws.held)), ws.tokenizer, ws.model, seed=0).train)
-    data = prepare_data(section(ws, eval_blocks=20, shuffle_buffer=50), ws.tokenizer, ws.model, seed=0)
+    data = prepare_data(section(ws, eval_blocks=21, shuffle_buffer=52), ws.tokenizer, ws.model, seed=0)
     held = [np.asarray(ids, dtype=np.int64).tobytes() for ids in data.eval["input_ids"]]
-    assert held == blocks[:20] and data.stats["held_out_blocks"] == 20
-    # Two epochs and more of training, shuffled within runs of 50 blocks: the other blocks, each once an epoch.
-    trained = rows(data.train, 2 * (epoch - 20) + 50)
+    assert held == blocks[:21] and data.stats["held_out_blocks"] == 21
+    # Every file into its third epoch, shuffled in runs of 13 blocks per file: all the other blocks, never a held-out one.
+    trained = rows(data.train, 1200)
     assert not set(held) & set(trained)
-    whole_runs = (2 * (epoch - 20)) // 50 * 50
-    assert sorted(trained[:whole_runs]) == sorted((blocks[20:epoch] * 3)[:whole_runs])
-    assert trained[:50] != blocks[20:70] and sorted(trained[:50]) == sorted(blocks[20:70])  # really shuffled
+    assert set(trained) == set(blocks) - set(held)
+    unshuffled = rows(prepare_data(section(ws, eval_blocks=21, shuffle_buffer=1), ws.tokenizer, ws.model, seed=0).train, 52)
+    assert trained[:52] != unshuffled and sorted(trained[:52]) == sorted(unshuffled)  # really shuffled, within runs
     # The held-out blocks are read once: a second preparation reads them from the cache.
     monkeypatch.setattr(dataset, "_write_held_out", lambda *a: pytest.fail("the held-out blocks were read again"))
-    again = prepare_data(section(ws, eval_blocks=20, shuffle_buffer=50), ws.tokenizer, ws.model, seed=0)
+    again = prepare_data(section(ws, eval_blocks=21, shuffle_buffer=52), ws.tokenizer, ws.model, seed=0)
     assert again.eval["input_ids"] == data.eval["input_ids"]
 
 
-@pytest.mark.parametrize("processes", [2, 3])  # 2 divides the 4 shards, 3 does not: the split never follows shards
-def test_each_process_keeps_every_nth_block_of_one_stream(ws, processes):
+@pytest.mark.parametrize("processes", [2, 3])  # 2 divides the 4 files: each reads its own; 3 does not: each reads all
+def test_each_process_keeps_every_nth_block_of_one_stream(ws, processes, caplog):
     one = rows(prepare_data(section(ws, eval_blocks=8, shuffle_buffer=32), ws.tokenizer, ws.model, seed=3).train, 600)
-    shares = [rows(prepare_data(section(ws, eval_blocks=8, shuffle_buffer=32), ws.tokenizer, ws.model, seed=3,
-                                process_index=i, num_processes=processes).train, 600 // processes) for i in range(processes)]
-    assert [one[i::processes] for i in range(processes)] == shares
+    with caplog.at_level(logging.WARNING, logger="gqa.train.dataset"):
+        shares = [prepare_data(section(ws, eval_blocks=8, shuffle_buffer=32), ws.tokenizer, ws.model, seed=3,
+                               process_index=i, num_processes=processes).train for i in range(processes)]  # fmt: skip
+    assert [one[i::processes] for i in range(processes)] == [rows(share, 600 // processes) for share in shares]
+    warned = [r.getMessage() for r in caplog.records if "do not split evenly" in r.getMessage()]
+    if processes == 2:
+        assert [share.files for share in shares] == [[0, 2], [1, 3]] and not warned
+    else:
+        assert all(share.files == [0, 1, 2, 3] for share in shares)
+        assert len(warned) == 1 and "has 4 file(s)" in warned[0] and "a multiple of 3 files" in warned[0]
+        assert "tokenises the whole stream and keeps 1 block in 3" in warned[0]
     other_seed = rows(prepare_data(section(ws, eval_blocks=8, shuffle_buffer=32), ws.tokenizer, ws.model, seed=4).train, 600)
-    assert other_seed != one and sorted(other_seed[:576]) == sorted(one[:576])  # 576: whole runs of 32
+    assert other_seed != one and sorted(other_seed[:576]) == sorted(one[:576])  # 576: whole runs of 8 blocks of each file
+
+
+@pytest.mark.parametrize(("files", "processes"), [(4, 2), (6, 3), (4, 3), (6, 4), (1, 2)])
+def test_process_i_of_n_yields_blocks_i_i_plus_n_of_the_files_taken_in_turn(files, processes):
+    """Global block k is block k div S of file k mod S. Process i of N yields global blocks i, i+N, ... and reads
+    only files i mod g, + g, ... (g = gcd(S, N)): when N divides S, exactly its own blocks and nothing else."""
+
+    def stream(file: int) -> datasets.IterableDataset:  # blocks [file, 0], [file, 1], ..., without end
+        return datasets.Dataset.from_dict({"input_ids": [[file, b] for b in range(40)]}).to_iterable_dataset().repeat(None)
+
+    names = [f"file{f}" for f in range(files)]
+    whole = [row["input_ids"] for row in islice(StreamShare([stream(f) for f in range(files)], names), 240)]
+    assert whole == [[k % files, k // files % 40] for k in range(240)]
+    for rank in range(processes):
+        share = StreamShare([stream(f) for f in range(files)], names, rank, processes)
+        assert [row["input_ids"] for row in islice(share, 240 // processes)] == whole[rank::processes]
+        apart = math.gcd(files, processes)
+        assert sorted(share.read) == share.files == list(range(rank % apart, files, apart))
+        assert (sum(share.read.values()) == 240 // processes) == (files % processes == 0)  # nothing read but its own
+
+
+def test_a_share_resumes_exactly_from_its_state_even_twice_in_a_row(ws):
+    """datasets' own positions, kept per file: restored, read one block (one of its two files untouched), saved,
+    restored again: the blocks an uninterrupted share reads."""
+
+    def share():
+        return prepare_data(section(ws, eval_blocks=8, shuffle_buffer=32), ws.tokenizer, ws.model, seed=3,
+                            process_index=1, num_processes=2).train  # fmt: skip
+
+    whole = rows(share(), 160)
+    first = share()
+    read = rows(first, 57)
+    second = share()
+    second.load_state_dict(first.state_dict())
+    read += rows(second, 1)
+    third = share()
+    third.load_state_dict(second.state_dict())
+    read += rows(third, 160 - 58)
+    assert read == whole
 
 
 def test_prepared_data_is_built_by_the_first_process_inside_local_main_process_first(ws, tmp_path, monkeypatch):
@@ -153,10 +211,16 @@ def test_prepared_data_is_built_by_the_first_process_inside_local_main_process_f
 
 def test_the_plan_says_how_data_is_read_and_shared(ws, tmp_path):
     streamed = load_recipe(RECIPE, overrides(ws, tmp_path / "o", **{"batch.micro": 2}))
-    two = plan_training(streamed, 2).describe()
+    two = replace(plan_training(streamed, 2), stream_files=4).describe()
     assert "streamed: read, tokenised and packed on the fly" in two
-    assert "process i of 2 reads every 2nd block of the stream (blocks i, i+2, i+4, ...)" in two
-    assert "one process reads every block of the stream" in plan_training(streamed, 1).describe()
+    assert "process i of 2 reads files i, i+2, ... of the stream's 4 (2 each): blocks i, i+2, i+4, ... of the stream" in two
+    three = replace(plan_training(streamed, 2), stream_files=3).describe()
+    assert ("process i of 2 reads all 3 file(s) of the stream and keeps 1 block in 2 of what it reads (blocks i, i+2, "
+            "i+4, ... of the stream), as 3 file(s) do not split evenly among 2 processes; split data.train into a multiple "
+            "of 2 files") in three
+    six = replace(plan_training(load_recipe(RECIPE, overrides(ws, tmp_path / "o", **{"batch.micro": 1})), 4), stream_files=6)
+    assert "process i of 4 reads files i mod 2, +2, ... (3 of 6) of the stream and keeps 1 block in 2" in six.describe()
+    assert "one process reads all 4 file(s) of the stream, every block" in replace(plan_training(streamed, 1), stream_files=4).describe()
     prepared = load_recipe(RECIPE, tiny_overrides(ws.model, ws.held, ws.held, tmp_path / "p", ws.cache, **{"batch.micro": 2}))
     assert "prepared: tokenised and packed before step 1, once per machine" in plan_training(prepared, 2).describe()
     assert "process i of 2 reads micro batches i, i+2, ..." in plan_training(prepared, 2).describe()
@@ -183,7 +247,7 @@ def test_a_streamed_run_resumed_at_a_checkpoint_equals_an_uninterrupted_one_bit_
     caplog.set_level(logging.INFO, logger="gqa.train.loop")
     whole = run_recipe(RECIPE, overrides(ws, tmp_path / "whole", **{"data.train": small}))
     plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("plan:"))
-    assert "streamed" in plan and "data ready    in " in plan
+    assert "streamed" in plan and "data ready    in " in plan and "one process reads all 1 file(s) of the stream" in plan
     assert whole.plan.data_seconds is not None
 
     out = tmp_path / "split"
@@ -221,7 +285,7 @@ def test_two_processes_match_one_and_resume_bit_for_bit(ws, tmp_path):
 
     (two, two_weights), (first, _), (second, resumed) = dumped("whole"), dumped("first"), dumped("second")
     assert two["processes"] == 2 and two["accumulation"] == 2
-    assert "process i of 2 reads every 2nd block of the stream" in two["plan"]
+    assert "process i of 2 reads files i, i+2, ... of the stream's 4 (2 each)" in two["plan"]
     # Resumed with two processes: bit for bit the uninterrupted run.
     assert not first["finished"] and {**first["losses"], **second["losses"]} == two["losses"]
     assert all(torch.equal(two_weights[name], resumed[name]) for name in two_weights)
@@ -261,5 +325,69 @@ def test_a_missing_file_split_or_dataset_fails_before_training(ws, tmp_path, mon
     expect_failure(ws, tmp_path / "e", r"data\.train: 'no-such-user/no-such-dataset' is not a local path and could not be "
                    r"loaded as a hub dataset \(config None, split train; data\.train_split\)",
                    **{"data.train": "no-such-user/no-such-dataset"})
-    expect_failure(ws, tmp_path / "f", r"data\.eval_blocks=500 holds out the whole of data\.train \(\d+ blocks",
-                   **{"data.train": ws.files[3], "data.eval_blocks": 500})
+    expect_failure(ws, tmp_path / "f", r"data\.eval_blocks=500 holds out the whole of .*train-00003\.parquet \(\d+ blocks "
+                   r"of 64 tokens\), leaving nothing to train on", **{"data.train": ws.files[3], "data.eval_blocks": 500})
+    # Four files in turn: 300 held-out blocks take 75 from each, more than the smallest file holds.
+    expect_failure(ws, tmp_path / "g", r"data\.eval_blocks=300 holds out the whole of .*train-00003\.parquet \(\d+ blocks "
+                   r"of 64 tokens; the stream takes its blocks from its 4 files in turn\)", **{"data.eval_blocks": 300})
+
+
+def test_a_file_with_nothing_to_train_on_stops_the_run_with_its_name(ws, tmp_path):
+    """A file stream that yields no block ends the endless stream: an error naming it, never a shorter run."""
+    short = tmp_path / "short.parquet"
+    datasets.Dataset.from_dict({"text": ["Too short to fill a block."]}).to_parquet(str(short))
+    data = prepare_data(section(ws, train=[str(ws.files[3]), str(short)], eval=str(ws.held)), ws.tokenizer, ws.model, seed=0)
+    loader = StreamLoader(data.train, 4, make_collate(64, 0), "cpu")
+    with pytest.raises(GQAError, match=r"data\.train: .*short\.parquet yields no block of data\.block_size=64 tokens to "
+                       r"train on; remove it from data\.train or lower data\.block_size"):
+        list(loader)
+
+
+def test_a_stream_checkpoint_resumes_only_under_the_process_count_that_wrote_it(ws):
+    def share(rank: int = 0, processes: int = 2):
+        return prepare_data(section(ws, eval_blocks=8), ws.tokenizer, ws.model, seed=0, process_index=rank,
+                            num_processes=processes).train  # fmt: skip
+
+    shares = [share(0), share(1)]
+    rows(shares[0], 5), rows(shares[1], 9)  # the processes' positions differ
+    saved = StreamLoader(shares[0], 2, make_collate(64, 0), "cpu", gather=lambda items: [items[0], shares[1].state_dict()])
+    state = saved.state_dict()
+    assert state["processes"] == 2 and [s["next"] for s in state["shares"]] == [10, 19]
+    with pytest.raises(GQAError, match=r"saved by 2 process\(es\) and this run has 1; .*resume with 2 process\(es\) "
+                       r".*or start afresh with resume=never and a new output\.dir"):
+        StreamLoader(share(0, 1), 2, make_collate(64, 0), "cpu").load_state_dict(state)
+    # Each process restores its own position.
+    resumed = StreamLoader(share(1), 2, make_collate(64, 0), "cpu")
+    resumed.load_state_dict(state)
+    assert rows(resumed.share, 7) == rows(shares[1], 7)
+
+
+def test_hub_sources_pin_a_revision_as_id_at_revision(ws, tmp_path, monkeypatch):
+    (source,) = dataset.resolve_sources("someone/corpus@v1.2", "data.train", "train", tmp_path)
+    assert (source.kind, source.location, source.revision) == ("hub", "someone/corpus", "v1.2")
+    with pytest.raises(GQAError, match=r"data\.train: 'someone/corpus@' is not a hub dataset id; write ID or ID@REVISION"):
+        dataset.resolve_sources("someone/corpus@", "data.train", "train", tmp_path)
+    # The revision reaches datasets, and a missing one is a GQAError naming it.
+    asked = []
+
+    def load_dataset(*args, **kwargs):
+        asked.append(kwargs.get("revision"))
+        raise FileNotFoundError("Revision 'v1.2' does not exist")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(GQAError, match=r"data\.train: 'someone/corpus' is not a local path and could not be loaded as a hub "
+                       r"dataset \(config None, split train, revision v1\.2; data\.train_split\): Revision 'v1\.2' does not"):
+        prepare_data(section(ws, train="someone/corpus@v1.2"), ws.tokenizer, ws.model, seed=0)
+    assert asked == ["v1.2"]
+    # Cached blocks follow the revision.
+    keys = {revision: dataset._cache_key(section(ws), dataset.resolve_sources(f"someone/corpus{revision}", "data.train",
+                                                                                "train", tmp_path), [], ws.tokenizer, ws.model, 0)
+            for revision in ("", "@v1.2", "@v1.3")}  # fmt: skip
+    assert len(set(keys.values())) == 3
+
+
+def test_a_split_missing_from_a_saved_dataset_fails_before_training(ws, tmp_path):
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a b c"]})}).save_to_disk(str(saved))
+    expect_failure(ws, tmp_path / "a", r"data\.train_split='validation' is not a split of .*saved \(train\)",
+                   **{"data.train": saved, "data.train_split": "validation"})

@@ -2,22 +2,38 @@
 
 Prepared (the default): the whole of data.train is tokenised and packed before step 1, by the first
 process of each machine while the others wait, and cached. The cache key covers everything that
-changes the blocks (the tokenizer files, each source's path/size/mtime or hub id, text field, block
-size, packing, the eval split), so a second run with the same data loads memory-mapped blocks at
-once and any change rebuilds them.
+changes the blocks (the tokenizer files, each source's path/size/mtime or hub id and revision, text
+field, block size, packing, the eval split), so a second run with the same data loads memory-mapped
+blocks at once and any change rebuilds them.
 
-Streamed (data.streaming): data.train is read as a datasets IterableDataset and tokenised and packed
-on the fly, with the same code, so nothing before step 1 grows with the corpus. The stream yields, in
-this order: the sources' documents as listed (each file's rows in file order, a hub dataset's files
-in the hub's order), empty ones dropped; every PACK_DOCUMENTS of them tokenised and packed into
-blocks exactly as prepared data is; without data.eval, the first data.eval_blocks blocks held out
-(cached, never trained on); the rest repeated epoch after epoch, each run of data.shuffle_buffer
-consecutive blocks in an order seeded by (seed, run number). That global stream does not depend on
-the number of processes: process i of N keeps blocks i, i+N, i+2N, ... (split_dataset_by_node,
-strategy "examples"), so optimizer step k reads blocks [k*G, (k+1)*G) of it, G the global batch,
-however many processes share it. Its position (datasets' IterableDataset.state_dict) is the same
-on every process after a step and is saved with each checkpoint, so a resumed run reads exactly the
-blocks the interrupted one would have.
+Streamed (data.streaming): data.train is read as datasets IterableDatasets and tokenised and packed on
+the fly, with the same code, so nothing before step 1 grows with the corpus. The stream is made of S
+file streams, one per file of the sources (datasets' IterableDataset.num_shards and .shard(): the
+sources as listed, each one's files in its own order). Each file stream yields its documents in
+order, empty ones dropped; every PACK_DOCUMENTS of them tokenised and packed into blocks exactly as
+prepared data is; its held-out blocks skipped (below); then it repeats epoch after epoch, each run
+of ceil(data.shuffle_buffer / S) consecutive blocks in an order seeded by (seed, file, run number).
+The global stream takes the file streams in turn: its block k is block k div S of file stream
+k mod S. Without data.eval, its first data.eval_blocks blocks are held out (read once by the
+first process of each machine, cached) and each file stream skips exactly its own share of them,
+in every epoch.
+
+Optimizer step k reads blocks [k*G, (k+1)*G) of the global stream (G the global batch), however many
+processes share it: process i of N reads blocks i, i+N, i+2N, ... When N divides S, those are all
+the blocks of file streams i, i+N, i+2N, ..., so each process opens, tokenises and packs only its
+own files; otherwise it reads file streams i mod g, + g, ... (g = gcd(S, N); every file when g = 1)
+and drops the other processes' blocks of them, and a warning says so. Files are read at the same
+rate, so a small file repeats sooner than a large one: shards of similar size keep the mixture in
+proportion.
+
+Resuming is exact and does not read the stream again from its start: each file stream's position is datasets' own
+IterableDataset.state_dict(); a process's position (StreamShare.state_dict) is those of the files it
+reads and the next global block it yields. Every process's position is saved with each checkpoint
+(StreamLoader, registered with accelerator.register_for_checkpointing), so a resumed run reads
+exactly the blocks the interrupted one would have; it must run with the same number of processes.
+The file streams are taken in turn here (StreamShare), not with datasets' interleave_datasets: that
+one reads ahead in threads and, in datasets 5.2, does not always restore a saved position exactly
+(a batched map, or a repeated file near its end, resumes at other blocks).
 """
 
 from __future__ import annotations
@@ -40,7 +56,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 
 from gqa.convert.errors import GQAError
@@ -52,7 +67,7 @@ from gqa.train.recipe import DataSection
 logger = logging.getLogger(__name__)
 
 STDLIB_SOURCE = corpus.NAME
-CACHE_FORMAT = 2  # bump when the layout of cached blocks changes
+CACHE_FORMAT = 3  # bump when the layout or the choice of cached blocks changes (3: held-out stream blocks from files in turn)
 FILE_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 # Documents tokenised and packed together (prepared and streamed alike); each group drops its tail,
 # fewer than block_size tokens, so large groups keep that to block_size - 1 tokens per 4,000 documents.
@@ -68,18 +83,19 @@ class Source:
     location: str  # a path, a hub id, or a stdlib-docs split
     split: str  # split used for saved DatasetDicts, folders of data files and hub datasets
     builder: str = ""  # folder: the datasets builder of its files (text, json, parquet)
+    revision: str | None = None  # hub: the branch, tag or commit given as id@revision; None: the default branch
 
 
 @dataclass(frozen=True)
 class PreparedData:
     # input_ids blocks (packed) or documents (not packed); streamed: this process's share of the stream
-    train: datasets.Dataset | datasets.IterableDataset
+    train: datasets.Dataset | StreamShare
     eval: datasets.Dataset
     stats: dict[str, Any]  # documents, tokens and blocks per split (None where a stream does not know); the cache
 
     @property
     def streaming(self) -> bool:
-        return isinstance(self.train, datasets.IterableDataset)
+        return isinstance(self.train, StreamShare)
 
 
 def default_cache_root() -> Path:
@@ -145,8 +161,11 @@ def resolve_sources(spec: str | list[str], key: str, split: str, cache_root: Pat
             sources.append(Source(builder, str(path.resolve()), split))
         elif path.suffix.lower() in FILE_BUILDERS or entry.startswith((".", "/", "~")):  # meant as a file
             raise GQAError(f"{key}: {entry} does not exist; check the path (relative paths start from {Path.cwd()})")
-        else:
-            sources.append(Source("hub", entry, split))  # e.g. HuggingFaceFW/fineweb-edu
+        else:  # e.g. HuggingFaceFW/fineweb-edu, or HuggingFaceFW/fineweb-edu@<commit> to pin a revision
+            name, _, revision = entry.partition("@")
+            if "@" in entry and not (name and revision):
+                raise GQAError(f"{key}: {entry!r} is not a hub dataset id; write ID or ID@REVISION (a branch, tag or commit)")
+            sources.append(Source("hub", name, split, revision=revision or None))
     return sources
 
 
@@ -290,7 +309,8 @@ def _load_source(source: Source, data: DataSection, key: str, cache_root: Path, 
             if source.split not in loaded:
                 raise GQAError(f"{split_key}={source.split!r} is not a split of {source.location} ({', '.join(loaded)})")
             loaded = loaded[source.split]
-        return loaded.to_iterable_dataset() if streaming else loaded
+        # streamed, one file stream per arrow file, as a folder of data files would give
+        return loaded.to_iterable_dataset(num_shards=max(1, len(loaded.cache_files))) if streaming else loaded
     if source.kind == "folder":  # the split comes from the file names (train-*.parquet, ...); none named: all train
         text = {"sample_by": "paragraph"} if source.builder == "text" else {}
         try:
@@ -298,11 +318,12 @@ def _load_source(source: Source, data: DataSection, key: str, cache_root: Path, 
         except Exception as err:  # a missing split, or unreadable files
             raise GQAError(f"{key}: could not read split {source.split!r} ({split_key}) of the folder {source.location}: {err}") from err
     try:  # hub dataset
-        return datasets.load_dataset(source.location, data.hub_config, split=source.split, streaming=streaming)
-    except Exception as err:  # network, auth, missing config or split: all say the same to the user
+        return datasets.load_dataset(source.location, data.hub_config, split=source.split, streaming=streaming, revision=source.revision)
+    except Exception as err:  # network, auth, missing config, split or revision: all say the same to the user
+        revision = f", revision {source.revision}" if source.revision else ""
         raise GQAError(
             f"{key}: {source.location!r} is not a local path and could not be loaded as a hub dataset "
-            f"(config {data.hub_config}, split {source.split}; {split_key}): {err}"
+            f"(config {data.hub_config}, split {source.split}{revision}; {split_key}): {err}"
         ) from err
 
 
@@ -388,7 +409,7 @@ def _prepare_stream(
 ) -> PreparedData:
     """This process's share of the training stream (see the module docstring for its order) and the held-out
     blocks: data.eval prepared and cached as usual, or the first data.eval_blocks blocks of the stream, cached."""
-    blocks = stream_blocks(train_sources, data, tokenizer, "data.train", cache_root)
+    files = stream_files(train_sources, data, tokenizer, "data.train", cache_root)
     key = _stream_eval_key(data, train_sources, eval_sources, tokenizer, tokenizer_dir)
     cache_dir = cache_root / key
     with local_main_process_first():
@@ -401,30 +422,40 @@ def _prepare_stream(
                 _check_sizes(data, stats, ("eval",))
                 _write_cache(cache_dir, {"eval": built}, stats | {"held_out_blocks": 0})
             else:
-                _write_held_out(blocks, data, cache_dir)
+                _write_held_out(files, data, cache_dir)
         else:
             logger.info("data: using cached held-out blocks in %s", cache_dir)
         stats = json.loads((cache_dir / "stats.json").read_text())
         eval_ = datasets.load_from_disk(str(cache_dir / "eval"))
     held_out = stats["held_out_blocks"]
-    train = blocks.skip(held_out) if held_out else blocks
-    where = ", ".join(s.location for s in train_sources)
-    if eval_sources and _first_row(train, where, "data.train") is None:  # (with eval_blocks: checked when cached)
-        raise GQAError(_no_blocks_message(data))
-    train = train.repeat(None)  # epochs: the held-out blocks are skipped in each
-    if data.shuffle_buffer > 1:
-        train = train.map(_window_shuffle(seed, data.shuffle_buffer), batched=True, batch_size=data.shuffle_buffer, with_indices=True)
-    # Every process reads the same global stream and keeps every num_processes-th block of it.
-    train = split_dataset_by_node(train, rank=process_index, world_size=num_processes, strategy="examples")
-    stats = stats | {"train_documents": None, "train_tokens": None, "train_blocks": None, "streaming": True}
+    names = [name for name, _ in files]
+    empty = (f"data.train: {{name}} yields no block of data.block_size={data.block_size} tokens to train on"
+             + (" after its share of the held-out blocks" if held_out else "")
+             + "; remove it from data.train or lower data.block_size" + (" or data.eval_blocks" if held_out else ""))
+    train = StreamShare(_training_streams(files, data, seed, held_out), names, process_index, num_processes, empty)
+    first = train.files[0]
+    if eval_sources and _first_row(files[first][1], names[first], "data.train") is None:  # (held out: checked when cached)
+        raise GQAError(_no_blocks_message(data) if len(files) == 1 else empty.format(name=names[first]))
+    if not train.sharded and process_index == 0:
+        share = "the whole stream" if len(train.files) == len(files) else f"{len(train.files)} of its files"
+        logger.warning(
+            "data: data.train has %d file(s), which do not split evenly among %d processes: each process reads and "
+            "tokenises %s and keeps 1 block in %d of what it reads. Split the data into a multiple of %d files "
+            "(e.g. parquet shards in a folder) for each process to read only its own", len(files), num_processes,
+            share, num_processes * len(train.files) // len(files), num_processes,
+        )
+    if num_processes > 1 and process_index == 0:  # the plan gives the rule; these are the names
+        for rank in range(min(num_processes, 4)):
+            own = [names[j] for j in share_files(len(files), rank, num_processes)]
+            logger.info("data: process %d reads %s%s", rank, ", ".join(own[:3]), f" and {len(own) - 3} more" if len(own) > 3 else "")
+    stats = stats | {"train_documents": None, "train_tokens": None, "train_blocks": None, "streaming": True,
+                     "stream_files": len(files)}  # fmt: skip
     return PreparedData(train=train, eval=eval_, stats=stats | {"cache_dir": str(cache_dir)})
 
 
-def stream_blocks(sources: list[Source], data: DataSection, tokenizer, key: str, cache_root: Path) -> datasets.IterableDataset:
-    """The sources' documents in order, empty ones dropped, tokenised and packed (as _tokenise and _pack do) on the fly."""
-    parts = [_text_column(_load_source(source, data, key, cache_root, streaming=True), source, data, key) for source in sources]
-    docs = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    docs = docs.filter(_has_text, batched=True)
+def stream_files(sources: list[Source], data: DataSection, tokenizer, key: str, cache_root: Path) -> list[tuple[str, datasets.IterableDataset]]:
+    """One stream of blocks per file of the sources (datasets' shards), in order, each with its name: the file's
+    documents, empty ones dropped, tokenised and packed (as _tokenise and _pack do) on the fly."""
     tokenise, pack = _tokeniser(tokenizer, data), _packer(data.block_size, leading_bos(tokenizer))
 
     def blocks(batch: dict[str, list]) -> dict[str, Any]:
@@ -433,28 +464,56 @@ def stream_blocks(sources: list[Source], data: DataSection, tokenizer, key: str,
             return {"input_ids": rows}
         return {"input_ids": pack(pa.array(rows, type=pa.list_(pa.int32())))}
 
-    return docs.map(blocks, batched=True, batch_size=PACK_DOCUMENTS, remove_columns=["text"])
+    files = []
+    for source in sources:
+        docs = _text_column(_load_source(source, data, key, cache_root, streaming=True), source, data, key)
+        count = docs.num_shards
+        for j in range(count):
+            name = source.location if count == 1 else f"{source.location} (file {j + 1} of {count})"
+            part = docs.shard(num_shards=count, index=j).filter(_has_text, batched=True)
+            files.append((name, part.map(blocks, batched=True, batch_size=PACK_DOCUMENTS, remove_columns=["text"])))
+    return files
 
 
-def _window_shuffle(seed: int, size: int) -> Callable[[dict[str, list], list[int]], dict[str, list]]:
-    """Each run of `size` consecutive blocks (a map batch) in the order rng([seed, run number]) draws."""
+def _training_streams(files: list[tuple[str, datasets.IterableDataset]], data: DataSection, seed: int, held_out: int):
+    """Each file stream as training reads it: without its share of the held-out blocks, repeated, shuffled in runs."""
+    count = len(files)
+    run = math.ceil(data.shuffle_buffer / count)  # a run of about data.shuffle_buffer blocks of the global stream
+    streams = []
+    for j, (_, blocks) in enumerate(files):
+        held = len(range(j, held_out, count))  # the held-out global blocks j, j+S, ... are this file's first ones
+        stream = (blocks.skip(held) if held else blocks).repeat(None)  # the skip applies again in every epoch
+        if run > 1:
+            stream = stream.map(_window_shuffle(seed, j, run), batched=True, batch_size=run, with_indices=True)
+        streams.append(stream)
+    return streams
+
+
+def _window_shuffle(seed: int, file: int, size: int) -> Callable[[dict[str, list], list[int]], dict[str, list]]:
+    """Each run of `size` consecutive blocks of a file stream (a map batch) in the order rng([seed, file, run number]) draws."""
 
     def shuffle(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        order = np.random.default_rng([seed, indices[0] // size]).permutation(len(indices))
+        order = np.random.default_rng([seed, file, indices[0] // size]).permutation(len(indices))
         return {name: [column[i] for i in order] for name, column in batch.items()}
 
     return shuffle
 
 
-def _write_held_out(blocks: datasets.IterableDataset, data: DataSection, cache_dir: Path) -> None:
+def _write_held_out(files: list[tuple[str, datasets.IterableDataset]], data: DataSection, cache_dir: Path) -> None:
     """The first data.eval_blocks blocks of the stream, cached; one more is read to be sure training has some."""
-    rows = [np.asarray(row["input_ids"], dtype=np.int32) for row in islice(iter(blocks), data.eval_blocks + 1)]
-    if not rows:
+    whole = StreamShare([blocks for _, blocks in files], [name for name, _ in files])  # the global stream, read once
+    rows = [np.asarray(row["input_ids"], dtype=np.int32) for row in islice(iter(whole), data.eval_blocks + 1)]
+    if not rows and len(files) == 1:
         raise GQAError(_no_blocks_message(data))
     if len(rows) <= data.eval_blocks:
+        name, read = whole.ended
+        if read == 0:
+            raise GQAError(f"data.train: {name} yields no block of data.block_size={data.block_size} tokens; "
+                           "remove it from data.train or lower data.block_size")
+        turns = f"; the stream takes its blocks from its {len(files)} files in turn" if len(files) > 1 else ""
         raise GQAError(
-            f"data.eval_blocks={data.eval_blocks} holds out the whole of data.train ({len(rows)} blocks of "
-            f"{data.block_size} tokens), leaving nothing to train on; lower data.eval_blocks or set data.eval"
+            f"data.eval_blocks={data.eval_blocks} holds out the whole of {name} ({read} blocks of "
+            f"{data.block_size} tokens{turns}), leaving nothing to train on; lower data.eval_blocks or set data.eval"
         )
     held = rows[: data.eval_blocks]
     stats = {"format": CACHE_FORMAT, "eval_documents": None, "eval_tokens": int(sum(len(r) for r in held)),
@@ -469,38 +528,109 @@ def _no_blocks_message(data: DataSection) -> str:
             "lower data.block_size or add data to data.train")
 
 
-class StreamLoader:
-    """The training batches of a streamed run, and the stream's position for checkpoints.
+class StreamShare(torch.utils.data.IterableDataset):
+    """Process `rank` of `processes`'s blocks of the global stream: its blocks rank, rank+N, rank+2N, ...
 
-    Not prepared by accelerate: each process already reads only its share (split_dataset_by_node),
-    so batches go to the device as they come. Registered with accelerator.register_for_checkpointing:
-    save_state stores state_dict() with every checkpoint and load_state restores it. The position is
-    datasets' own IterableDataset.state_dict(); after each optimizer step it is the same on every
-    process (each has read whole groups of num_processes blocks up to the step's last block), which
-    state_dict() checks, so one copy, written by the main process, resumes them all. The DataLoader
-    reads in this process (num_workers=0): nothing is read ahead of the position saved.
+    Global block k is block k div S of file stream k mod S (S = len(streams)), so this process needs file
+    streams rank mod g, rank mod g + g, ... (g = gcd(S, N)) and opens only those. When N divides S (g = N),
+    all their blocks are its own; otherwise it reads the other processes' blocks of them too and drops them
+    (with g = 1, every file). The position (state_dict) is the next global block and, for each file stream
+    read, the blocks read from it and datasets' own state_dict after the last one. That state is kept here
+    rather than asked of a stream again: datasets reports a fresh position for a stream restored with
+    load_state_dict until it yields again.
     """
 
-    def __init__(self, dataset: datasets.IterableDataset, batch_size: int, collate: Callable, device,
+    def __init__(self, streams: Sequence[datasets.IterableDataset], names: Sequence[str], rank: int = 0,
+                 processes: int = 1, empty: str = "data.train: {name} ran out of blocks"):  # fmt: skip
+        self.streams, self.names, self.rank, self.processes = list(streams), list(names), rank, processes
+        self.sharded = len(self.streams) % processes == 0  # reads only its own blocks
+        self.empty = empty  # the error when a file stream ends, with {name}
+        self.next = rank  # the next global block this process yields
+        self.read: dict[int, int] = {}  # file stream -> blocks read from it
+        self.states: dict[int, dict] = {}  # file stream -> its state_dict() after its last block read
+        self.ended: tuple[str, int] | None = None  # (name, blocks read) of the file stream that ran out
+
+    @property
+    def files(self) -> list[int]:
+        """The file streams this process reads."""
+        return share_files(len(self.streams), self.rank, self.processes)
+
+    def __iter__(self):
+        count = len(self.streams)
+        iterators: dict[int, Any] = {}
+        while True:
+            j, index = self.next % count, self.next // count
+            if j not in iterators:
+                if j in self.states:
+                    self.streams[j].load_state_dict(self.states[j])
+                iterators[j] = iter(self.streams[j])
+            block = None
+            while self.read.get(j, 0) <= index:  # one block when sharded; else other processes' blocks go by first
+                block = next(iterators[j], None)
+                if block is None:
+                    self.ended = (self.names[j], self.read.get(j, 0))
+                    return
+                self.read[j] = self.read.get(j, 0) + 1
+                self.states[j] = self.streams[j].state_dict()
+            self.next += self.processes
+            yield block
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next": self.next, "read": dict(self.read), "states": dict(self.states)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next, self.read, self.states = int(state["next"]), dict(state["read"]), dict(state["states"])
+
+    def ended_error(self) -> GQAError:
+        return GQAError(self.empty.format(name=self.ended[0] if self.ended else "data.train"))
+
+
+def share_files(files: int, rank: int, processes: int) -> list[int]:
+    """The file streams process `rank` reads: those of global blocks rank, rank+N, ... (see StreamShare)."""
+    apart = math.gcd(files, processes)
+    return list(range(rank % apart, files, apart))
+
+
+class StreamLoader:
+    """The training batches of a streamed run, and every process's position in the stream for checkpoints.
+
+    Not prepared by accelerate: each process already reads only its share (StreamShare), so batches go to
+    the device as they come. Registered with accelerator.register_for_checkpointing: save_state stores
+    state_dict() with every checkpoint and load_state restores it. Each process's position differs (each
+    reads its own files), so state_dict gathers them all, by rank, and each process restores its own; a
+    checkpoint resumes only under the number of processes that wrote it. The DataLoader reads in this
+    process (num_workers=0): nothing is read ahead of the position saved.
+    """
+
+    def __init__(self, share: StreamShare, batch_size: int, collate: Callable, device,
                  gather: Callable[[list], list] = lambda items: items):
-        self.dataset = dataset
+        self.share = share
         self.batch_size = batch_size  # read by accelerate's DeepSpeed set-up, like a DataLoader's
         self.device = device
-        self.gather = gather  # all processes' items (accelerate.utils.gather_object)
-        self.loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+        self.gather = gather  # all processes' items, in rank order (accelerate.utils.gather_object)
+        self.loader = DataLoader(share, batch_size=batch_size, collate_fn=collate)
 
     def __iter__(self):
         for batch in self.loader:
             yield {name: tensor.to(self.device) for name, tensor in batch.items()}
+        raise self.share.ended_error()  # the training stream repeats without end, unless a file has nothing to train on
 
     def state_dict(self) -> dict[str, Any]:
-        state = self.dataset.state_dict()
-        if any(other != state for other in self.gather([state])):
-            raise GQAError("the processes' positions in the training stream differ; the checkpoint could not resume them")
-        return {"stream": state}
+        shares = self.gather([self.share.state_dict()])
+        return {"processes": len(shares), "shares": shares}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.dataset.load_state_dict(state["stream"])
+        if "shares" not in state:
+            raise GQAError("the checkpoint holds its data.train stream position in a layout older than this gqa's; "
+                           "start afresh with resume=never and a new output.dir")
+        if state["processes"] != self.share.processes:
+            raise GQAError(
+                f"the checkpoint's position in the data.train stream was saved by {state['processes']} process(es) and "
+                f"this run has {self.share.processes}; each process reads its own files of the stream, so resume with "
+                f"{state['processes']} process(es) (torchrun --nproc_per_node, accelerate launch --num_processes), "
+                "or start afresh with resume=never and a new output.dir"
+            )
+        self.share.load_state_dict(state["shares"][self.share.rank])
 
 
 # --- cache key --------------------------------------------------------------------------------
@@ -545,8 +675,8 @@ def _tokenizer_fingerprint(tokenizer, tokenizer_dir) -> dict[str, Any]:
 def _source_fingerprint(source: Source) -> list:
     if source.kind == "stdlib":
         return [source.kind, source.location, corpus.corpus_tag()]
-    if source.kind == "hub":
-        return [source.kind, source.location, source.split]
+    if source.kind == "hub":  # unpinned, the branch may move: pin id@revision for a cache that follows the data
+        return [source.kind, source.location, source.split, source.revision]
     path = Path(source.location)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     return [source.kind, source.location, source.split, [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]]

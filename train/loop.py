@@ -173,7 +173,7 @@ class _Run:
             recipe.data, tokenizer, tokenizer_dir, recipe.seed, accelerator.local_main_process_first,
             process_index=accelerator.process_index, num_processes=accelerator.num_processes,
         )
-        self.plan = replace(self.plan, data_seconds=time.perf_counter() - started)
+        self.plan = replace(self.plan, data_seconds=time.perf_counter() - started, stream_files=data.stats.get("stream_files"))
         if self.main:
             logger.info("plan:\n%s", self.plan.describe())
             self._log_data(data)
@@ -443,11 +443,16 @@ class _Run:
         bad = int(self.accelerator.reduce(torch.tensor(float(bad), device=self.accelerator.device), reduction="sum").item())
         if bad:
             self._fail_non_finite("weights", f"non-finite ({bad:,} values)", changed=True)
-        path = rundir.checkpoint_path(self.output_dir, step)
-        self.accelerator.save_state(str(path))
+        # Written under a partial name and renamed once complete: a process killed mid-save leaves no checkpoint
+        # that looks complete, and the next save clears what it left.
+        partial = rundir.partial_path(self.output_dir, step)
+        if self.main:
+            rundir.clear_partial(self.output_dir)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(partial))
         self.accelerator.wait_for_everyone()
         if self.main:
-            rundir.mark_checkpoint(path, step, self.progress.tokens_seen)
+            path = rundir.complete_checkpoint(partial, step, self.progress.tokens_seen)
             rundir.prune_checkpoints(self.output_dir, self.recipe.checkpoint.keep)
             logger.info("step %d: checkpoint %s", step, path)
         self.accelerator.wait_for_everyone()

@@ -21,6 +21,7 @@ class TrainingPlan:
     pretrain_tokens: int | None
     streaming: bool = False  # data.streaming: read on the fly, each process its share of the stream
     data_seconds: float | None = None  # how long preparing the data took (on the main process), once known
+    stream_files: int | None = None  # streamed: the files (file streams) of data.train, once known
 
     @property
     def tokens_per_step(self) -> int:
@@ -68,20 +69,23 @@ class TrainingPlan:
         return "prepared: tokenised and packed before step 1, once per machine, and cached"
 
     def data_shares(self) -> str:
-        n = self.processes
+        n, files = self.processes, self.stream_files
         if self.streaming:
+            if files is None:
+                return "each process reads its share of the stream's files (counted when the data is opened)"
             if n == 1:
-                return "one process reads every block of the stream"
-            return (f"process i of {n} reads every {_ordinal(n)} block of the stream (blocks i, i+{n}, i+{2 * n}, ...); "
-                    "each process reads and tokenises the whole stream to find its blocks")
+                return f"one process reads all {files} file(s) of the stream, every block"
+            blocks = f"blocks i, i+{n}, i+{2 * n}, ... of the stream"
+            if files % n == 0:
+                return f"process i of {n} reads files i, i+{n}, ... of the stream's {files} ({files // n} each): {blocks}"
+            apart = math.gcd(files, n)  # the files a process needs are i mod apart, + apart, ... (StreamShare)
+            which = f"all {files} file(s)" if apart == 1 else f"files i mod {apart}, +{apart}, ... ({files // apart} of {files})"
+            return (f"process i of {n} reads {which} of the stream and keeps 1 block in {n // apart} of what it reads "
+                    f"({blocks}), as {files} file(s) do not split evenly among {n} processes; split data.train into a "
+                    f"multiple of {n} files for each process to read only its own")
         if n == 1:
             return "one process reads every block, in the seeded order"
         return f"process i of {n} reads micro batches i, i+{n}, ... of the seeded order (accelerate's sharded sampler)"
-
-
-def _ordinal(n: int) -> str:
-    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
-    return f"{n}{suffix}"
 
 
 def plan_training(recipe: Recipe, processes: int) -> TrainingPlan:

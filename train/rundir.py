@@ -5,6 +5,7 @@
       metrics.jsonl             one line per logged step and per evaluation
       logs/                     tracker files (tensorboard)
       checkpoints/step-00000100/  accelerate save_state + gqa_checkpoint.json (written last)
+      checkpoints/.step-00000100.partial/  a checkpoint being written; renamed to step-00000100 once complete
       config.json, model*.safetensors, tokenizer, README.md, gqa_provenance.json   (the final model)
 """
 
@@ -54,13 +55,33 @@ def complete_checkpoints(output_dir: Path) -> list[Checkpoint]:
     return sorted((c for c in found if c is not None), key=lambda c: c.step)
 
 
-def mark_checkpoint(path: Path, step: int, tokens_seen: int) -> None:
-    (path / CHECKPOINT_MARKER).write_text(json.dumps({"step": step, "tokens_seen": tokens_seen}))
+def partial_path(output_dir: Path, step: int) -> Path:
+    """Where a checkpoint is written before it is complete: a name complete_checkpoints never reads."""
+    return checkpoints_dir(output_dir) / f".step-{step:08d}.partial"
+
+
+def clear_partial(output_dir: Path) -> None:
+    """Remove what an interrupted save or prune left: partial checkpoints, and step dirs without a marker."""
+    root = checkpoints_dir(output_dir)
+    leftovers = [*root.glob(".step-*.partial"), *(p for p in root.glob("step-*") if read_checkpoint(p) is None)]
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def complete_checkpoint(partial: Path, step: int, tokens_seen: int) -> Path:
+    """Mark a fully written checkpoint (the marker last) and move it to its step's name in one rename, so a
+    process killed at any moment leaves either a complete checkpoint or none under that name."""
+    _write_atomic(partial / CHECKPOINT_MARKER, json.dumps({"step": step, "tokens_seen": tokens_seen}))
+    path = checkpoint_path(partial.parent.parent, step)
+    shutil.rmtree(path, ignore_errors=True)  # a leftover, or the same step of a run resumed from an older checkpoint
+    os.replace(partial, path)
+    return path
 
 
 def prune_checkpoints(output_dir: Path, keep: int) -> None:
     """Delete all but the newest `keep` complete checkpoints."""
     for old in complete_checkpoints(output_dir)[:-keep]:
+        (old.path / CHECKPOINT_MARKER).unlink()  # first: a deletion cut short leaves no checkpoint that looks complete
         shutil.rmtree(old.path, ignore_errors=True)
 
 
@@ -120,9 +141,13 @@ def write_run_file(output_dir: Path, recipe: Recipe, recipe_file: str | None, **
         "identity": recipe.run_identity(),
         **status,
     }
-    tmp = output_dir / f".{RUN_FILE}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, output_dir / RUN_FILE)
+    _write_atomic(output_dir / RUN_FILE, json.dumps(record, indent=2))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
