@@ -45,7 +45,7 @@ class DataSection(_Section):
     cache_dir: str | None = None  # tokenised, packed data lives here; default ~/.cache/gqa/data
     num_proc: int = Field(1, ge=1)  # processes for tokenisation (not streamed)
     streaming: bool = False  # read, tokenise and pack data.train on the fly instead of preparing all of it first
-    shuffle_buffer: int = Field(1000, ge=1)  # streamed: each run of N consecutive blocks is yielded in a seeded order
+    shuffle_buffer: int = Field(1000, ge=1)  # streamed: blocks shuffled in seeded runs, ceil(N / files) consecutive blocks of each file at a time
     eval_blocks: int = Field(256, ge=1)  # streamed, no data.eval: blocks held out from the start of the stream
 
 

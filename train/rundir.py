@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gqa.convert.errors import GQAError
+from gqa.convert.modeldir import write_text_atomic
 from gqa.train.recipe import Recipe, flat_items
 
 RUN_FILE = "gqa_run.json"
@@ -71,7 +72,7 @@ def clear_partial(output_dir: Path) -> None:
 def complete_checkpoint(partial: Path, step: int, tokens_seen: int) -> Path:
     """Mark a fully written checkpoint (the marker last) and move it to its step's name in one rename, so a
     process killed at any moment leaves either a complete checkpoint or none under that name."""
-    _write_atomic(partial / CHECKPOINT_MARKER, json.dumps({"step": step, "tokens_seen": tokens_seen}))
+    write_text_atomic(partial / CHECKPOINT_MARKER, json.dumps({"step": step, "tokens_seen": tokens_seen}))
     path = checkpoint_path(partial.parent.parent, step)
     shutil.rmtree(path, ignore_errors=True)  # a leftover, or the same step of a run resumed from an older checkpoint
     os.replace(partial, path)
@@ -141,13 +142,8 @@ def write_run_file(output_dir: Path, recipe: Recipe, recipe_file: str | None, **
         "identity": recipe.run_identity(),
         **status,
     }
-    _write_atomic(output_dir / RUN_FILE, json.dumps(record, indent=2))
+    write_text_atomic(output_dir / RUN_FILE, json.dumps(record, indent=2))
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
