@@ -56,8 +56,11 @@ def train(config, settings: dict) -> list[torch.nn.Parameter]:
     predicted = accumulation * micro * (block - 1)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.config.use_cache = False
-    if settings.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if settings.get("gradient_checkpointing"):  # as gqa.train.loop._Run._setup_model
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = build_trainable(model, settings).train()
     teacher = None
     if settings.get("teacher"):  # loss.kind: distill, the teacher in the run's precision (fp32 here)

@@ -62,6 +62,7 @@ MODES = {
     "lora": ("lora", LORA, ["train.lora.rank=8", "train.lora.alpha=16", "train.lora.targets=[q_proj,o_proj]",
                             "train.lora.train_kv=true"]),
     "distill": ("all", {"teacher": True}, ["loss.kind=distill", "model.teacher={model}"]),  # the model its own teacher
+    "checkpointed": ("all", {"gradient_checkpointing": True}, ["train.gradient_checkpointing=true"]),
 }
 
 
