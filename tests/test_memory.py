@@ -107,6 +107,11 @@ def test_plan_prints_the_table_and_trains_nothing(model, tmp_path, capsys):
     assert not out.exists() and not cache.exists()  # no run directory, no data prepared
 
 
+def test_launch_and_gpu_options_belong_to_plan(capsys):
+    assert gqa(["train", "tiny-cpu", "--gpu-memory", "80GB"]) == 2
+    assert "--gpu-memory is an option of --plan" in capsys.readouterr().err
+
+
 def test_plan_names_the_first_change_that_fits(tmp_path, capsys):
     # A small vocabulary and long blocks: the layers' activations dominate, so checkpointing them helps most.
     deep = save_config(tmp_path / "deep", vocab_size=1000, hidden_size=256, num_hidden_layers=8)
@@ -246,6 +251,24 @@ def test_a_run_that_cannot_fit_is_refused_before_step_1_naming_the_change(model,
     memory = check_run(setup, 2, accelerator, check=False)  # the override: a warning, and the plan
     assert memory.fits is False and "training anyway" in caplog.text
     assert check_run(setup, 2, cuda_accelerator(monkeypatch, need)).fits is True
+
+
+def test_training_prints_the_memory_plan_before_step_1(tmp_path, caplog):
+    import logging
+
+    from gqa.train.api import run_recipe
+    from train_helpers import make_model, tiny_overrides, write_texts
+
+    train_file, eval_file = write_texts(tmp_path)
+    overrides = tiny_overrides(make_model(tmp_path), train_file, eval_file, tmp_path / "out", tmp_path / "cache",
+                               budget__steps=1, eval__every=0, checkpoint__every=0)
+    with caplog.at_level(logging.INFO, logger="gqa.train.loop"):
+        result = run_recipe("tiny-cpu", overrides)
+    memory = result.plan.memory
+    assert memory.estimate.total_params == sum(p.numel() for p in result.model.parameters())
+    assert memory.estimate.launch == Launch("one", 1, "accelerate") and memory.estimate.device == "cpu"
+    printed = caplog.text
+    assert printed.index("  memory") < printed.index("    activations") < printed.index("    total")
 
 
 def test_the_run_goes_on_when_no_estimate_can_be_made(tmp_path, monkeypatch, caplog):

@@ -39,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "train") -> None:
     )
     memory.add_argument(
         "--gpu-memory", metavar="SIZE",
-        help="GPU memory to check the estimate against, e.g. 80GB, 24GB, 79.6GiB (default: this machine's CUDA "
-             "device, if any)",
+        help="with --plan: the GPU memory to check the estimate against, e.g. 80GB, 24GB, 79.6GiB (default: this "
+             "machine's CUDA device, if any; training checks against its own device)",
     )
     memory.add_argument(
         "--launch", metavar="LAUNCH",
@@ -94,9 +94,12 @@ def run(args: argparse.Namespace) -> int:
         return run_recipes(args)
     if getattr(args, "plan", False):
         return run_plan(args)
-    if getattr(args, "launch", None) is not None or getattr(args, "processes", None) is not None:
-        raise GQAError("--launch and --processes describe a launch for --plan; to train, launch with accelerate "
-                       "launch or torchrun (see `gqa recipes`)")
+    plan_only = {"--launch": "launch", "--processes": "processes", "--gpu-memory": "gpu_memory"}
+    given = [flag for flag, key in plan_only.items() if getattr(args, key, None) is not None]
+    if given:
+        options = f"{given[0]} is an option" if len(given) == 1 else f"{', '.join(given)} are options"
+        raise GQAError(f"{options} of --plan; training reads its launch from accelerate launch or torchrun and checks "
+                       "against its own GPU (`gqa recipes` lists the accelerate configs)")
     from gqa.train.api import run_recipe  # heavy imports (torch, transformers) only when training
 
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file save/load lines drown the progress

@@ -856,6 +856,8 @@ def check_run(recipe: Recipe, accumulation: int, accelerator, check: bool = True
     estimate that cannot be made never stops the run: it is left out, with a warning."""
     device = accelerator.device
     cuda = device.type == "cuda"
+    if not cuda and not getattr(accelerator, "is_main_process", True):
+        return None  # without CUDA nothing is checked, and only the main process prints the plan
     try:
         capacity = device_memory(device) if cuda else None
         source = f"{device}, {torch.cuda.get_device_name(device)}" if cuda else ""
