@@ -624,12 +624,15 @@ class MemoryEstimate:
     def rows(self) -> list[tuple[str, str]]:
         p = self.launch.processes
         share = f", 1/{p} of them on each process ({LAUNCH_NAMES[self.launch.kind]})" if self.launch.sharded and p > 1 else ""
-        weights_note = ("bf16 copies and fp32 master weights of the trainable ones" if self.launch.kind == "zero3"
-                        and self.precision != "fp32" else "fp32")
+        weights_note = "fp32"
+        if self.launch.kind.startswith("zero") and self.precision != "fp32":
+            weights_note = f"{self.precision}, and fp32 master weights of the trainable ones (sharded)"
         gc_on = "with" if self.gradient_checkpointing else "without"
         gc_off = "without" if self.gradient_checkpointing else "with"
         other = f" ({gc_off}: {format_bytes(self.activations_other)})" if self.activations_other is not None else ""
-        autocast = f"{self.precision} autocast" if self.precision != "fp32" else "fp32"
+        autocast = "fp32"
+        if self.precision != "fp32":
+            autocast = f"{self.precision}" if self.launch.kind.startswith("zero") else f"{self.precision} autocast"
         unsharded = ""
         if self.unsharded_gradients:
             unsharded = (f"; and {format_bytes(self.unsharded_gradients)} unsharded, held across the step's "
@@ -688,8 +691,9 @@ def estimate_memory(
     def shard(n: float, kinds: tuple[str, ...]) -> int:
         return math.ceil(n / p) if kind in kinds else int(n)
 
-    if kind == "zero3" and mixed:  # DeepSpeed keeps the module in 16 bits and fp32 masters in the optimizer
-        weights = shard(compute_bytes * total + 4 * trainable, ("zero3",))
+    deepspeed = kind.startswith("zero")
+    if deepspeed and mixed:  # DeepSpeed holds the module in 16 bits, and fp32 master weights in its optimizer
+        weights = shard(compute_bytes * total, ("zero3",)) + shard(4 * trainable, ("zero1", "zero2", "zero3"))
     else:
         weights = shard(4 * total, ("fsdp", "zero3"))
     gradients = shard(4 * trainable, ("fsdp", "zero2", "zero3"))
@@ -701,16 +705,21 @@ def estimate_memory(
     scratch = 4 * (profile.largest_group if device == "cuda" else profile.largest_trainable)
     scratch = shard(scratch, ("fsdp", "zero1", "zero2", "zero3"))
     gathered = 0
-    sharded = launch.sharded and p > 1
-    if sharded:
+    if launch.sharded:
         # The unsharded embeddings and head, one layer computing and the next prefetched, and one layer's
         # gradients before they are reduce-scattered, all in the compute dtype.
         gathered = compute_bytes * (profile.outer_params + 3 * profile.layer_params)
-    # Sharded launches gather the weights in the compute dtype instead of autocast copying them.
-    activations = profile.peak_without_casts if sharded and mixed else profile.peak
-    activations_other = None if other is None else other.peak_without_casts if sharded and mixed else other.peak
+    # FSDP2 (its mixed-precision policy) and DeepSpeed compute with 16-bit weights: no autocast copies of them.
+    casts = not (mixed and (launch.sharded or deepspeed))
+
+    def activations_of(measured: _Profile | None) -> int | None:
+        if measured is None:
+            return None
+        return measured.peak if casts else measured.peak_without_casts
+
+    activations, activations_other = activations_of(profile), activations_of(other)
     teacher = profile.teacher_params * compute_bytes
-    if accumulation == 1 and kind in ("one", "ddp", "zero1"):
+    if accumulation == 1 and kind in ("one", "ddp"):
         busiest = profile.peak_with_grads  # the gradients as backward builds them, measured with the activations
     else:
         busiest = unsharded + gradients + activations  # earlier micro batches' gradients are held
