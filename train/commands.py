@@ -131,11 +131,14 @@ def run_plan(args: argparse.Namespace) -> int:
         capacity, source = parse_size(args.gpu_memory), f"--gpu-memory {args.gpu_memory}"
     else:
         capacity, source = device_memory(), "this machine's CUDA device"
-    device = "cuda" if capacity is not None else "cpu"
+    # A GPU when one is named or here, or the launch spreads over GPUs; else the host memory of a CPU run.
+    device = "cuda" if capacity is not None or launch.kind != "one" else "cpu"
     memory = plan_memory(recipe, launch, plan.accumulation, device, capacity, source)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"plan of {args.recipe} (--plan: nothing is trained):")
         print(replace(plan, memory=memory).describe())
+        if device == "cpu":
+            print("  (the host memory of a run on the CPU; --gpu-memory SIZE plans for a GPU)")
     return 0
 
 

@@ -618,37 +618,41 @@ class MemoryEstimate:
 
     @property
     def parts_sum(self) -> int:
-        return (self.weights + self.gradients + self.unsharded_gradients + self.buckets + self.optimizer + self.activations + self.gathered
-                + self.teacher)
+        return (self.weights + self.gradients + self.unsharded_gradients + self.buckets + self.optimizer
+                + self.activations + self.gathered + self.teacher)
 
     def rows(self) -> list[tuple[str, str]]:
-        p = self.launch.processes
-        share = f", 1/{p} of them on each process ({LAUNCH_NAMES[self.launch.kind]})" if self.launch.sharded and p > 1 else ""
+        kind, p = self.launch.kind, self.launch.processes
+
+        def share(*kinds: str) -> str:
+            return f", 1/{p} of them on each process ({LAUNCH_NAMES[kind]})" if kind in kinds and p > 1 else ""
+
         weights_note = "fp32"
-        if self.launch.kind.startswith("zero") and self.precision != "fp32":
+        if kind.startswith("zero") and self.precision != "fp32":
             weights_note = f"{self.precision}, and fp32 master weights of the trainable ones (sharded)"
         gc_on = "with" if self.gradient_checkpointing else "without"
         gc_off = "without" if self.gradient_checkpointing else "with"
         other = f" ({gc_off}: {format_bytes(self.activations_other)})" if self.activations_other is not None else ""
         autocast = "fp32"
         if self.precision != "fp32":
-            autocast = f"{self.precision}" if self.launch.kind.startswith("zero") else f"{self.precision} autocast"
+            autocast = self.precision if kind.startswith("zero") else f"{self.precision} autocast"
         unsharded = ""
         if self.unsharded_gradients:
             unsharded = (f"; and {format_bytes(self.unsharded_gradients)} unsharded, held across the step's "
                          f"{self.accumulation} micro batches (FSDP2 reduce-scatters them on the last)")
         rows = [
             ("memory", f"per process, {self.launch.describe()} ({self.launch.source}), on {self.device.upper()}"),
-            ("  weights", f"{format_bytes(self.weights)}: {self.total_params:,} parameters, {weights_note}{share}"),
+            ("  weights", f"{format_bytes(self.weights)}: {self.total_params:,} parameters, {weights_note}"
+                          f"{share('fsdp', 'zero3')}"),
             ("  gradients", f"{format_bytes(self.gradients)}: {self.trainable_params:,} trainable parameters "
-                            f"(train.params={self.params}), fp32{share if self.launch.kind in SHARDED + ('zero2',) else ''}"
+                            f"(train.params={self.params}), fp32{share('fsdp', 'zero2', 'zero3')}"
                             f"{unsharded}"),
         ]
         if self.buckets:
             rows.append(("  buckets", f"{format_bytes(self.buckets)}: DDP's fp32 gradient buckets for the all-reduce"))
-        optimizer_share = share if self.launch.kind != "one" and self.launch.kind != "ddp" else ""
         rows.append(("  optimizer", f"{format_bytes(self.optimizer)}: AdamW, 2 fp32 moments per trainable parameter"
-                                    f"{optimizer_share}; {format_bytes(self.optimizer_scratch)} more while it steps"))
+                                    f"{share('fsdp', 'zero1', 'zero2', 'zero3')}; {format_bytes(self.optimizer_scratch)} "
+                                    "more while it steps"))
         rows.append(("  activations", f"{format_bytes(self.activations)}: {self.micro_batch} x {self.block_size} tokens, "
                                       f"{autocast}, {gc_on} gradient checkpointing{other}; "
                                       f"logits and loss {format_bytes(self.logits)} of it (vocabulary {self.vocab_size:,})"))
@@ -662,7 +666,7 @@ class MemoryEstimate:
             rows.append(("  reserve", f"{format_bytes(self.reserve)}: CUDA context, communication buffers, allocator "
                                       f"slack ({format_bytes(RESERVE_BYTES)} + {RESERVE_FRACTION:.0%})"))
         note = ""
-        if self.peak < self.parts_sum:
+        if self.accumulation == 1 and self.peak < self.parts_sum:
             note = " (less than the sum: with accumulation 1, gradients build up as the activations are freed)"
         if self.launch.offload:
             note += "; the config offloads to the CPU, which the estimate does not model (an upper bound)"
