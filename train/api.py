@@ -16,8 +16,9 @@ from gqa.train.recipe import Recipe, load_recipe, resolve_recipe, shipped_recipe
 __all__ = ["TrainResult", "Recipe", "load_recipe", "resolve_recipe", "run_recipe", "shipped_recipes", "write_corpus", "train"]
 
 
-def run_recipe(recipe: str | Path, overrides: list[str] | None = None) -> TrainResult:
+def run_recipe(recipe: str | Path, overrides: list[str] | None = None, check_memory: bool = True) -> TrainResult:
     """Load a recipe (a YAML file or a shipped recipe's name), apply `key=value` overrides, validate,
-    train; raises GQAError on bad input."""
+    train; raises GQAError on bad input, and on CUDA when the memory plan does not fit the device
+    (unless check_memory is False)."""
     path = resolve_recipe(recipe)
-    return train(load_recipe(path, overrides), recipe_file=str(path))
+    return train(load_recipe(path, overrides), recipe_file=str(path), check_memory=check_memory)

@@ -1,5 +1,6 @@
-"""`gqa train RECIPE [key=value ...]` (also `python -m gqa.train` under any launcher), and
-`gqa recipes [cp NAME DEST]`, which lists the shipped recipes or copies one out to edit."""
+"""`gqa train RECIPE [key=value ...]` (also `python -m gqa.train` under any launcher), `gqa train RECIPE
+--plan` (the plan and memory estimate, without training), and `gqa recipes [cp NAME DEST]`, which lists
+the shipped recipes or copies one out to edit."""
 
 from __future__ import annotations
 
@@ -25,6 +26,35 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "train") -> None:
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE",
         help="recipe overrides by dotted key, values read as YAML: budget.steps=200 optimizer.lr=3e-4 output.dir=runs/x",
+    )
+    memory = parser.add_argument_group(
+        "memory plan",
+        "Bytes per process (weights, gradients, optimizer state, activations, teacher) from the model's "
+        "config.json alone, and whether they fit a GPU. Training prints the plan before step 1 and, on CUDA, "
+        "refuses to start when it does not fit the device, naming the cheapest change that does.",
+    )
+    memory.add_argument(
+        "--plan", action="store_true",
+        help="print the training plan and memory estimate per process, then exit without training",
+    )
+    memory.add_argument(
+        "--gpu-memory", metavar="SIZE",
+        help="with --plan: the GPU memory to check the estimate against, e.g. 80GB, 24GB, 79.6GiB (default: this "
+             "machine's CUDA device, if any; training checks against its own device)",
+    )
+    memory.add_argument(
+        "--launch", metavar="LAUNCH",
+        help="with --plan: how the run will be launched: one, ddp, fsdp (FSDP2), zero1, zero2, zero3 (DeepSpeed), or "
+             "an accelerate config (a file, or a shipped one such as accelerate/fsdp) (default: this invocation's "
+             "launcher, if any, else one process)",
+    )
+    memory.add_argument(
+        "--processes", type=int, metavar="N",
+        help="with --plan: processes (GPUs) in all, all machines together (default: from --launch or the launcher)",
+    )
+    memory.add_argument(
+        "--skip-memory-check", action="store_true",
+        help="train even when the estimate exceeds the GPU's memory (the estimate may be wrong for your setup)",
     )
 
 
@@ -62,10 +92,18 @@ def run_recipes(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "command", "train") == "recipes":
         return run_recipes(args)
+    if getattr(args, "plan", False):
+        return run_plan(args)
+    plan_only = {"--launch": "launch", "--processes": "processes", "--gpu-memory": "gpu_memory"}
+    given = [flag for flag, key in plan_only.items() if getattr(args, key, None) is not None]
+    if given:
+        options = f"{given[0]} is an option" if len(given) == 1 else f"{', '.join(given)} are options"
+        raise GQAError(f"{options} of --plan; training reads its launch from accelerate launch or torchrun and checks "
+                       "against its own GPU (`gqa recipes` lists the accelerate configs)")
     from gqa.train.api import run_recipe  # heavy imports (torch, transformers) only when training
 
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file save/load lines drown the progress
-    result = run_recipe(args.recipe, args.overrides)
+    result = run_recipe(args.recipe, args.overrides, check_memory=not getattr(args, "skip_memory_check", False))
     if result.process_index == 0:
         if result.finished:
             final = result.final_eval
@@ -75,6 +113,32 @@ def run(args: argparse.Namespace) -> int:
             )
         else:
             print(f"stopped at step {result.steps} (budget.stop_at_step); resume with the same command and budget.stop_at_step=null")
+    return 0
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """`gqa train RECIPE --plan`: what the run would do and hold per process; nothing is read or trained."""
+    from dataclasses import replace
+
+    from gqa.train.memory import device_memory, parse_size, plan_memory, resolve_launch
+    from gqa.train.plan import plan_training
+    from gqa.train.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    launch = resolve_launch(args.launch, args.processes)
+    plan = plan_training(recipe, launch.processes)
+    if args.gpu_memory is not None:
+        capacity, source = parse_size(args.gpu_memory), f"--gpu-memory {args.gpu_memory}"
+    else:
+        capacity, source = device_memory(), "this machine's CUDA device"
+    # A GPU when one is named or here, or the launch spreads over GPUs; else the host memory of a CPU run.
+    device = "cuda" if capacity is not None or launch.kind != "one" else "cpu"
+    memory = plan_memory(recipe, launch, plan.accumulation, device, capacity, source)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"plan of {args.recipe} (--plan: nothing is trained):")
+        print(replace(plan, memory=memory).describe())
+        if device == "cpu":
+            print("  (the host memory of a run on the CPU; --gpu-memory SIZE plans for a GPU)")
     return 0
 
 

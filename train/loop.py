@@ -37,6 +37,7 @@ from gqa.convert.modeldir import DTYPES, config_dtype, dtype_name, now, provenan
 from gqa.train import rundir
 from gqa.train.dataset import PreparedData, StreamLoader, make_collate, prepare_data, training_order
 from gqa.train.losses import IGNORE_INDEX, distillation_loss
+from gqa.train.memory import check_run
 from gqa.train.params import apply_lora, lora_record, merge_lora, select_trainable, weights_dtype
 from gqa.train.plan import TrainingPlan, plan_training
 from gqa.train.recipe import Recipe, flat_items
@@ -81,8 +82,11 @@ class Progress:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
 
 
-def train(recipe: Recipe, recipe_file: str | None = None) -> TrainResult:
-    """Run a recipe to its end (or to budget.stop_at_step) and return what happened."""
+def train(recipe: Recipe, recipe_file: str | None = None, check_memory: bool = True) -> TrainResult:
+    """Run a recipe to its end (or to budget.stop_at_step) and return what happened.
+
+    check_memory: refuse to start on CUDA when the memory plan exceeds the device's memory (gqa.train.memory).
+    """
     _check_paths(recipe)
     use_cpu = not _accelerator_available()
     state = PartialState(cpu=use_cpu)
@@ -101,6 +105,8 @@ def train(recipe: Recipe, recipe_file: str | None = None) -> TrainResult:
         project_dir=str(Path(recipe.output.dir) / "logs"),
     )
     try:
+        # Before any data or weights: bytes per process, printed with the plan; refused when they cannot fit.
+        plan = replace(plan, memory=check_run(recipe, plan.accumulation, accelerator, check_memory))
         return _Run(recipe, recipe_file, accelerator, plan, start).execute()
     finally:
         accelerator.end_training()

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 from gqa.convert.errors import GQAError
 from gqa.train.recipe import Recipe
+
+if TYPE_CHECKING:
+    from gqa.train.memory import MemoryPlan
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,7 @@ class TrainingPlan:
     streaming: bool = False  # data.streaming: read on the fly, each process its share of the stream
     data_seconds: float | None = None  # how long preparing the data took (on the main process), once known
     stream_files: int | None = None  # streamed: the files (file streams) of data.train, once known
+    memory: MemoryPlan | None = None  # bytes per process (gqa.train.memory), once estimated
 
     @property
     def tokens_per_step(self) -> int:
@@ -36,10 +41,11 @@ class TrainingPlan:
         return self.total_tokens / self.pretrain_tokens if self.pretrain_tokens else None
 
     def as_dict(self) -> dict:
-        return asdict(self) | {
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "memory"} | {
             "tokens_per_step": self.tokens_per_step,
             "total_tokens": self.total_tokens,
             "pretrain_fraction": self.pretrain_fraction,
+            "memory_bytes": self.memory.estimate.total if self.memory is not None else None,
         }
 
     def describe(self) -> str:
@@ -61,6 +67,8 @@ class TrainingPlan:
         ]
         if self.data_seconds is not None:
             rows.append(("data ready", f"in {self.data_seconds:.1f} s"))
+        if self.memory is not None:
+            rows += self.memory.rows()
         return "\n".join(f"  {name:<13} {value}" for name, value in rows)
 
     def data_mode(self) -> str:

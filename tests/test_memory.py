@@ -1,0 +1,294 @@
+"""The memory plan: estimates against the peak real training steps reach, what fits, and how sharding divides it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from gqa.convert.errors import GQAError
+from gqa.train.cli import main as gqa
+from gqa.train.memory import (
+    Launch,
+    check_run,
+    estimate_memory,
+    launch_from_config,
+    launch_from_environment,
+    parse_size,
+    plan_memory,
+    resolve_launch,
+)
+from gqa.train.recipe import load_recipe
+from tiny import FAMILY_TYPES, family_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+WORKER = Path(__file__).parent / "memory_worker.py"
+
+
+def save_config(path: Path, **values) -> Path:
+    """A model directory holding only config.json: all the memory plan reads."""
+    defaults = dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False)
+    LlamaConfig(**(defaults | values)).save_pretrained(path)
+    return path
+
+
+def recipe(model: Path, *overrides: str):
+    return load_recipe("tiny-cpu", [f"model.path={model}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    """19M parameters, a 32,000-token vocabulary: weights, optimizer state and logits all weigh in."""
+    return save_config(tmp_path_factory.mktemp("memory") / "model")
+
+
+# --- against real training steps ------------------------------------------------------------------
+
+LORA = {"rank": 8, "alpha": 16, "targets": ["q_proj", "o_proj"], "full": ["k_proj", "v_proj"]}
+# name: (train.params, worker settings, recipe overrides)
+MODES = {
+    "all": ("all", {}, []),
+    "attention": ("attention", {}, []),
+    "lora": ("lora", LORA, ["train.lora.rank=8", "train.lora.alpha=16", "train.lora.targets=[q_proj,o_proj]",
+                            "train.lora.train_kv=true"]),
+    "distill": ("all", {"teacher": True}, ["loss.kind=distill", "model.teacher={model}"]),  # the model its own teacher
+    "checkpointed": ("all", {"gradient_checkpointing": True}, ["train.gradient_checkpointing=true"]),
+}
+
+
+def measured_peak(model: Path, params: str, micro: int, block: int, accumulation: int, **extra) -> dict:
+    """Peak resident bytes of a real optimizer step in a fresh process (tests/memory_worker.py)."""
+    settings = dict(config=str(model), params=params, micro=micro, block=block, accumulation=accumulation, steps=1, **extra)
+    # glibc hands every freed block back, so the resident set follows the live tensors (see the worker)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    done = subprocess.run([sys.executable, str(WORKER), json.dumps(settings)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_estimate_is_within_5_percent_of_the_peak_real_steps_reach(model, mode):
+    params, settings, overrides = MODES[mode]
+    real = measured_peak(model, params, micro=2, block=256, accumulation=2, **settings)
+    plan = recipe(model, f"train.params={params}", "batch.micro=2", "data.block_size=256", "batch.global_sequences=4",
+                  "precision=fp32", *(o.format(model=model) for o in overrides))
+    estimate = estimate_memory(plan, Launch("one", 1), device="cpu", compare=False)
+    assert estimate.accumulation == 2
+    assert estimate.trainable_params == real["trainable"]  # the same parameters train in both
+    print(f"{mode}: estimate {estimate.peak:,} bytes, measured peak {real['peak']:,} bytes, "
+          f"ratio {estimate.peak / real['peak']:.4f}")
+    # Measured agreement is within 1%; 5% still fails when a term as small as the teacher goes missing.
+    assert abs(estimate.peak / real["peak"] - 1) < 0.05
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+
+def test_plan_prints_the_table_and_trains_nothing(model, tmp_path, capsys):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    code = gqa(["train", "tiny-cpu", f"model.path={model}", f"output.dir={out}", f"data.cache_dir={cache}",
+                "--plan", "--gpu-memory", "80GB"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    for row in ("accumulation", "memory", "weights", "gradients", "optimizer", "activations", "reserve", "total"):
+        assert f"  {row}" in printed, printed
+    assert "19,155,200 parameters" in printed
+    assert re.search(r"\n +fits +yes: ", printed)
+    assert not out.exists() and not cache.exists()  # no run directory, no data prepared
+
+
+def test_launch_and_gpu_options_belong_to_plan(capsys):
+    assert gqa(["train", "tiny-cpu", "--gpu-memory", "80GB"]) == 2
+    assert "--gpu-memory is an option of --plan" in capsys.readouterr().err
+
+
+def test_plan_names_the_first_change_that_fits(tmp_path, capsys):
+    # A small vocabulary and long blocks: the layers' activations dominate, so checkpointing them helps most.
+    deep = save_config(tmp_path / "deep", vocab_size=1000, hidden_size=256, num_hidden_layers=8)
+    settings = [f"model.path={deep}", "data.block_size=1024", "batch.micro=8"]
+    without = estimate_memory(recipe(deep, *settings), Launch("one", 1), compare=False)
+    with_checkpointing = estimate_memory(recipe(deep, *settings, "train.gradient_checkpointing=true"), Launch("one", 1), compare=False)
+    assert with_checkpointing.total < 0.8 * without.total
+    gpu = (with_checkpointing.total + without.total) // 2
+
+    assert gqa(["train", "tiny-cpu", *settings, "--plan", "--gpu-memory", f"{gpu}B"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"\n +fits +no: ", printed)
+    assert re.search(r"\n +change +train\.gradient_checkpointing=true: ", printed)
+
+
+def test_changes_are_tried_cheapest_first(model):
+    def advice(launch: Launch, gpu: int, *overrides: str) -> str:
+        plan = plan_memory(recipe(model, *overrides), launch, capacity=gpu, compare=False)
+        assert plan.fits is False
+        return plan.suggestion.change if plan.suggestion else "nothing"
+
+    def total(launch: Launch, *overrides: str) -> int:
+        return estimate_memory(recipe(model, *overrides), launch, compare=False).total
+
+    checkpointed = ("train.gradient_checkpointing=true", "data.block_size=512", "batch.global_sequences=64")
+    # DDP on 8 processes: the same processes, sharded, before anything else.
+    ddp = Launch("ddp", 8)
+    assert advice(ddp, total(Launch("fsdp", 8), *checkpointed) + 1, *checkpointed) == "FSDP2 on the same 8 processes " \
+        "(accelerate launch with `gqa recipes cp accelerate/fsdp`)"
+    # One process: the largest smaller micro batch that fits, before more processes.
+    one = Launch("one", 1)
+    gpu = total(one, *checkpointed, "batch.micro=4") + 1
+    assert total(one, *checkpointed, "batch.micro=8") > gpu
+    assert advice(one, gpu, *checkpointed, "batch.micro=8") == "batch.micro=4"
+    # At micro batch 1, more processes under FSDP2 before training fewer parameters.
+    single = (*checkpointed, "batch.micro=1")
+    gpu = total(Launch("fsdp", 2), *single) + 1
+    assert advice(one, gpu, *single) == "FSDP2 on 2 processes"
+    # Without the GPUs for that, the attention blocks alone (the global batch of 1 cannot split).
+    lone = (*single, "batch.global_sequences=1")
+    assert advice(one, total(one, *lone, "train.params=attention") + 1, *lone) == "train.params=attention"
+    assert advice(one, total(one, *lone, "train.params=lora") + 1, *lone) == "train.params=lora"
+    assert advice(one, 10**6, *lone) == "nothing"
+
+
+# --- sharding ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_sharding_divides_weights_gradients_and_optimizer_by_the_processes(model, precision):
+    setup = recipe(model, f"precision={precision}", "batch.global_sequences=64", "batch.micro=1")
+    one = estimate_memory(setup, Launch("one", 1), compare=False)
+    for processes in (2, 4, 8):
+        ddp = estimate_memory(setup, Launch("ddp", processes), compare=False)
+        fsdp = estimate_memory(setup, Launch("fsdp", processes), compare=False)
+        zero3 = estimate_memory(setup, Launch("zero3", processes), compare=False)
+        # DDP replicates: every process holds what one process holds, and DDP's gradient buckets.
+        assert (ddp.weights, ddp.gradients, ddp.optimizer) == (one.weights, one.gradients, one.optimizer)
+        assert ddp.buckets == one.gradients and ddp.activations == one.activations
+        # FSDP2 and ZeRO-3 hold 1/N of the parameters' state.
+        for sharded in (fsdp, zero3):
+            assert sharded.gradients == -(-one.gradients // processes)
+            assert sharded.optimizer == -(-one.optimizer // processes)
+            assert sharded.buckets == 0 and sharded.gathered > 0
+        assert fsdp.weights == -(-one.weights // processes)
+        if precision == "fp32":
+            assert zero3.weights == fsdp.weights
+        else:  # DeepSpeed: 16-bit weights plus fp32 master weights, both sharded
+            assert zero3.weights == -(-(one.total_params * 2 + one.trainable_params * 4) // processes)
+        assert fsdp.total < ddp.total and zero3.total < ddp.total
+    assert estimate_memory(setup, Launch("fsdp", 8), compare=False).total < estimate_memory(setup, Launch("fsdp", 2), compare=False).total
+
+
+def test_fsdp_holds_unsharded_gradients_while_accumulating(model):
+    accumulating = estimate_memory(recipe(model, "precision=bf16", "batch.global_sequences=64", "batch.micro=2"),
+                                   Launch("fsdp", 8), compare=False)
+    assert accumulating.accumulation == 4
+    assert accumulating.unsharded_gradients == 2 * accumulating.trainable_params  # bf16, every parameter
+    single = estimate_memory(recipe(model, "precision=bf16", "batch.global_sequences=16", "batch.micro=2"),
+                             Launch("fsdp", 8), compare=False)
+    assert single.accumulation == 1 and single.unsharded_gradients == 0
+
+
+# --- the launch ----------------------------------------------------------------------------------
+
+
+def test_the_launch_is_read_as_accelerate_exposes_it():
+    assert launch_from_environment({}) == Launch("one", 1, "this invocation")
+    assert launch_from_environment({"WORLD_SIZE": "4"}).kind == "ddp"
+    assert launch_from_environment({"WORLD_SIZE": "8", "ACCELERATE_USE_FSDP": "true"}) == Launch("fsdp", 8, "accelerate launch")
+    env = {"WORLD_SIZE": "8", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+    assert launch_from_environment(env).kind == "zero3"
+    assert (launch_from_config("accelerate/fsdp").kind, launch_from_config("accelerate/fsdp").processes) == ("fsdp", 8)
+    assert launch_from_config("accelerate/deepspeed-zero3").kind == "zero3"
+    assert launch_from_config("accelerate/ddp").kind == "ddp"
+    assert launch_from_config("accelerate/two-node").processes == 16
+    assert resolve_launch("accelerate/fsdp", 16) == Launch("fsdp", 16, "accelerate/fsdp, --processes 16")
+    assert resolve_launch("zero3", 4) == Launch("zero3", 4)
+    assert resolve_launch(None, 2).kind == "ddp"
+    with pytest.raises(GQAError, match="needs --processes"):
+        resolve_launch("fsdp", None)
+    with pytest.raises(GQAError, match="accelerate config"):
+        resolve_launch("fsdp2", 8)
+
+
+def test_sizes_read_like_the_hub_writes_them():
+    assert parse_size("80GB") == 80 * 10**9 == parse_size("80 GB") == parse_size("80")
+    assert parse_size("79.6GiB") == int(79.6 * 2**30)
+    assert parse_size("24000MB") == 24 * 10**9
+    assert parse_size("1024B") == 1024
+    for bad in ("eighty", "80XB", "0GB"):
+        with pytest.raises(GQAError, match="gpu-memory"):
+            parse_size(bad)
+
+
+# --- before step 1 -------------------------------------------------------------------------------
+
+
+def cuda_accelerator(monkeypatch, gpu_bytes: int):
+    """An accelerator as the loop holds it on one CUDA device of `gpu_bytes`, without a GPU."""
+    from accelerate.utils import DistributedType
+
+    import gqa.train.memory as memory
+
+    monkeypatch.setattr(memory, "device_memory", lambda device=None: gpu_bytes)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    state = SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO)
+    return SimpleNamespace(device=torch.device("cuda", 0), state=state)
+
+
+def test_a_run_that_cannot_fit_is_refused_before_step_1_naming_the_change(model, monkeypatch, caplog):
+    setup = recipe(model, "data.block_size=1024", "batch.micro=8")
+    need = estimate_memory(setup, Launch("one", 1), accumulation=2, compare=False).total
+    accelerator = cuda_accelerator(monkeypatch, need - 1)
+    with pytest.raises(GQAError, match=r"per process .* more than .*cuda:0, Test GPU.*Change: train\.gradient_checkpointing=true: .*--skip-memory-check"):
+        check_run(setup, 2, accelerator)
+    memory = check_run(setup, 2, accelerator, check=False)  # the override: a warning, and the plan
+    assert memory.fits is False and "training anyway" in caplog.text
+    assert check_run(setup, 2, cuda_accelerator(monkeypatch, need)).fits is True
+
+
+def test_training_prints_the_memory_plan_before_step_1(tmp_path, caplog):
+    import logging
+
+    from gqa.train.api import run_recipe
+    from train_helpers import make_model, tiny_overrides, write_texts
+
+    train_file, eval_file = write_texts(tmp_path)
+    overrides = tiny_overrides(make_model(tmp_path), train_file, eval_file, tmp_path / "out", tmp_path / "cache",
+                               budget__steps=1, eval__every=0, checkpoint__every=0)
+    with caplog.at_level(logging.INFO, logger="gqa.train.loop"):
+        result = run_recipe("tiny-cpu", overrides)
+    memory = result.plan.memory
+    assert memory.estimate.total_params == sum(p.numel() for p in result.model.parameters())
+    assert memory.estimate.launch == Launch("one", 1, "accelerate") and memory.estimate.device == "cpu"
+    printed = caplog.text
+    assert printed.index("  memory") < printed.index("    activations") < printed.index("    total")
+
+
+def test_the_run_goes_on_when_no_estimate_can_be_made(tmp_path, monkeypatch, caplog):
+    broken = tmp_path / "model"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": "many"}))
+    assert check_run(recipe(broken), 2, cuda_accelerator(monkeypatch, 10**9)) is None
+    assert "memory plan: no estimate" in caplog.text
+
+
+# --- every family --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_every_family_is_measured_with_lora_and_a_teacher(model_type, tmp_path):
+    path = tmp_path / model_type
+    family_config(model_type, kv=2).save_pretrained(path)
+    setup = recipe(path, "train.params=lora", "precision=bf16", "loss.kind=distill", f"model.teacher={path}",
+                   "train.gradient_checkpointing=true")
+    estimate = estimate_memory(setup, Launch("one", 1), compare=False)
+    assert 0 < estimate.trainable_params < estimate.total_params
+    assert estimate.teacher == 2 * estimate.teacher_params > 0
+    assert estimate.activations > estimate.logits > 0
