@@ -597,6 +597,8 @@ class MemoryEstimate:
             return f", 1/{p} of them on each process ({LAUNCH_NAMES[kind]})" if kind in kinds and p > 1 else ""
 
         weights_note = "fp32"
+        if self.params == "lora" and self.weights < 4 * self.total_params:
+            weights_note = "the frozen ones in the checkpoint's 16-bit dtype, the trainable ones fp32"
         if kind.startswith("zero") and self.precision != "fp32":
             weights_note = f"{self.precision}, and fp32 master weights of the trainable ones (sharded)"
         gc_on = "with" if self.gradient_checkpointing else "without"
