@@ -46,12 +46,13 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 
 from gqa.convert.corpus import corpus_documents, corpus_tag
 from gqa.train import loop
 from gqa.train.api import load_recipe, run_recipe
+
+from benchlib import save_random_llama
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny-cpu.yaml"
 CORPUS_FORMAT = 1  # bump when the corpus layout changes
@@ -104,23 +105,7 @@ def build_corpus(root: Path, gigabytes: float, shards: int) -> Path:
 
 def build_model(root: Path, size: str) -> Path:
     """A randomly initialised Llama (GQA) with a byte-level BPE tokenizer trained on the corpus text."""
-    hidden, layers, heads, kv_heads, intermediate, vocab = SIZES[size]
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, intermediate_size=intermediate, max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    )
-    model_dir = root / f"model-{size}"
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(model_dir)
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<eos>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(corpus_documents("train"), trainer=trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>").save_pretrained(model_dir)
-    return model_dir
+    return save_random_llama(root / f"model-{size}", SIZES[size], corpus_documents("train"), SIZES[size][-1])
 
 
 # --- one run ---------------------------------------------------------------------------------

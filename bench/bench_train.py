@@ -20,12 +20,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast, get_scheduler
+from transformers import AutoModelForCausalLM, get_scheduler
 
 from gqa.train import loop
 from gqa.train.api import load_recipe, run_recipe, write_corpus
-from gqa.train.dataset import prepare_data, training_order
+
+from benchlib import bare_step, bare_training, save_random_llama
 
 SIZES = {
     # name: (hidden, layers, heads, kv heads, intermediate, vocab)
@@ -57,56 +57,23 @@ def cpu_time_of_steps():
 
 
 def build_model(root: Path, size: str, corpus_text: str) -> Path:
-    hidden, layers, heads, kv_heads, intermediate, vocab = SIZES[size]
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, intermediate_size=intermediate, max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    )
-    model_dir = root / f"model-{size}"
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(model_dir)
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=min(vocab, 8192), special_tokens=["<unk>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(corpus_text.split("\n\n"), trainer=trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>").save_pretrained(model_dir)
-    return model_dir
+    vocab = SIZES[size][-1]
+    return save_random_llama(root / f"model-{size}", SIZES[size], corpus_text.split("\n\n"), min(vocab, 8192))
 
 
 def bare_loop(overrides: list[str], model_dir: Path) -> tuple[float, float]:
     """What a hand-written loop does with the same recipe: tokens per wall second and per CPU second."""
     recipe = load_recipe(RECIPE, overrides)
-    data = prepare_data(recipe.data, AutoTokenizer.from_pretrained(model_dir), model_dir, recipe.seed)  # cached
     steps, micro, block = recipe.budget.steps, recipe.batch.micro, recipe.data.block_size
     global_batch = recipe.batch.global_sequences
-    accumulation = global_batch // micro
-    order = training_order(len(data.train), steps * global_batch, recipe.seed)
-    blocks = torch.tensor(data.train.select(order)["input_ids"], dtype=torch.long).split(micro)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.config.use_cache = False
-    model.train()
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": recipe.optimizer.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=recipe.optimizer.lr, betas=recipe.optimizer.betas, eps=recipe.optimizer.eps,
-    )
+    blocks, model, optimizer, accumulation = bare_training(recipe, model_dir, steps, global_batch, micro)
     warmup = recipe.schedule.warmup_steps if recipe.schedule.warmup_steps is not None else round(
         recipe.schedule.warmup_fraction * steps)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     start, cpu_start = time.perf_counter(), time.process_time()
     for step in range(steps):
-        for micro_step in range(accumulation):
-            batch = blocks[step * accumulation + micro_step]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.precision == "bf16"):
-                loss = model(input_ids=batch, labels=batch).loss / accumulation
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optimizer.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        bare_step(model, optimizer, scheduler, blocks[step * accumulation:(step + 1) * accumulation], "cpu",
+                  recipe.precision == "bf16", recipe.optimizer.max_grad_norm)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     tokens = steps * global_batch * block
     return tokens / seconds, tokens / cpu_seconds

@@ -47,6 +47,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib, also when a test loads this file by path
+from benchlib import bare_step, bare_training, train_tokenizer  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve()
 PARTS = ("cuda_tests", "train_ddp", "train_fsdp2", "train_zero3", "eval", "throughput")
@@ -762,19 +765,6 @@ def write_text_files(root: Path, sizes: Sizes) -> tuple[Path, Path]:
     return files[0], files[1]
 
 
-def train_tokenizer(text: str, vocab: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(text.split("\n\n"), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>")
-
-
 def llama_config(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int, max_positions: int):
     from transformers import LlamaConfig
 
@@ -794,7 +784,7 @@ def build_fixture(root: Path, sizes: Sizes) -> dict[str, Path]:
 
     fresh(root)
     train, heldout = write_text_files(root, sizes)
-    tokenizer = train_tokenizer(train.read_text(), sizes.vocab)
+    tokenizer = train_tokenizer(train.read_text().split("\n\n"), sizes.vocab)
     torch.manual_seed(0)
     config = llama_config(sizes.hidden, sizes.layers, sizes.heads, sizes.heads, sizes.intermediate,
                           max(sizes.vocab, len(tokenizer)), sizes.max_positions)
@@ -928,40 +918,19 @@ def release(device) -> None:
 
 def bare_loop(spec: dict[str, Any], model_dir: Path, overrides: list[str], device) -> list[float]:
     """What a hand-written loop does with the same blocks in the same order: tokens/s of each step."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+    from transformers import get_scheduler
 
     from gqa.train.api import load_recipe
-    from gqa.train.dataset import prepare_data, training_order
 
     recipe = load_recipe("tiny-cpu", overrides)
-    data = prepare_data(recipe.data, AutoTokenizer.from_pretrained(model_dir), model_dir, recipe.seed)  # cached
     steps, micro, global_batch = spec["steps"], spec["micro"], spec["global_batch"]
-    accumulation = global_batch // micro
-    order = training_order(len(data.train), steps * global_batch, recipe.seed)
-    blocks = torch.tensor(data.train.select(order)["input_ids"], dtype=torch.long).split(micro)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
-    model.config.use_cache = False
-    model.train()
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": recipe.optimizer.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=recipe.optimizer.lr, betas=recipe.optimizer.betas, eps=recipe.optimizer.eps,
-    )
+    blocks, model, optimizer, accumulation = bare_training(recipe, model_dir, steps, global_batch, micro, device)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=1, num_training_steps=steps)
     rates = []
     for step in range(steps):
         start = time.perf_counter()
-        for micro_step in range(accumulation):
-            batch = blocks[step * accumulation + micro_step].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["precision"] == "bf16"):
-                loss = model(input_ids=batch, labels=batch).loss / accumulation
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optimizer.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = bare_step(model, optimizer, scheduler, blocks[step * accumulation:(step + 1) * accumulation], device,
+                         spec["precision"] == "bf16", recipe.optimizer.max_grad_norm)
         loss.item()  # as gqa train does each step: the step is done when its loss is read
         rates.append(global_batch * spec["block"] / (time.perf_counter() - start))
     return rates

@@ -21,13 +21,12 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import datasets
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from gqa.train import rundir
-from train_helpers import EVAL_MODULES, REPO, TRAIN_MODULES, docs_text, make_model, tiny_overrides, torchrun
+from train_helpers import REPO, TRAIN_MODULES, make_model, tiny_overrides, torchrun, write_shards
 
 RECIPE = REPO / "recipes" / "tiny-cpu.yaml"
 TESTS = Path(__file__).resolve().parent
@@ -38,13 +37,7 @@ STEPS = 8  # checkpoints at 2, 4, 6, 8
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("train-kill")
-    shards = root / "shards"
-    shards.mkdir()
-    for i, modules in enumerate(SHARDS):
-        documents = docs_text(modules).strip().split("\n\n")
-        datasets.Dataset.from_dict({"text": documents}).to_parquet(str(shards / f"train-{i:05d}.parquet"))
-    held = root / "heldout.txt"
-    held.write_text(docs_text(EVAL_MODULES))
+    shards, held = write_shards(root, SHARDS)
     return SimpleNamespace(model=make_model(root), shards=shards, held=held, cache=root / "cache")
 
 

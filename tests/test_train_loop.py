@@ -18,7 +18,7 @@ from gqa.train.api import load_recipe, run_recipe
 from gqa.train.dataset import make_collate, prepare_data, training_order
 from gqa.train.losses import distillation_loss
 from tiny import save_tiny_llama
-from train_helpers import REPO, TRAIN_MODULES, docs_text, make_model, save_tokenizer, tiny_overrides, write_texts
+from train_helpers import REPO, TRAIN_MODULES, docs_text, make_model, save_tokenizer, tiny_overrides, training_workspace
 
 RECIPE = REPO / "recipes" / "tiny-cpu.yaml"
 
@@ -28,12 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> SimpleNamespace:
-    root = tmp_path_factory.mktemp("train-loop")
-    train_file, eval_file = write_texts(root)
-    return SimpleNamespace(
-        root=root, model=make_model(root), teacher=make_model(root, "teacher", kv_heads=8, seed=1),
-        train=train_file, eval=eval_file, cache=root / "cache",
-    )
+    return training_workspace(tmp_path_factory.mktemp("train-loop"))
 
 
 def overrides(ws, out: Path, **extra) -> list[str]:

@@ -23,7 +23,7 @@ from gqa.train.loop import _check_lora_distribution, _parameter_groups
 from gqa.train.params import apply_lora, merge_lora
 from gqa.train.recipe import LoraSection
 from tiny import FAMILY_TYPES, build_family_model
-from train_helpers import REPO, make_model, tiny_overrides, torchrun, write_texts
+from train_helpers import REPO, tiny_overrides, torchrun, training_workspace
 
 RECIPE = REPO / "recipes" / "tiny-cpu.yaml"
 TESTS = Path(__file__).resolve().parent
@@ -33,12 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> SimpleNamespace:
-    root = tmp_path_factory.mktemp("train-lora")
-    train_file, eval_file = write_texts(root)
-    return SimpleNamespace(
-        root=root, model=make_model(root), teacher=make_model(root, "teacher", kv_heads=8, seed=1),
-        train=train_file, eval=eval_file, cache=root / "cache",
-    )
+    return training_workspace(tmp_path_factory.mktemp("train-lora"))
 
 
 def overrides(ws, out: Path, **extra) -> list[str]:

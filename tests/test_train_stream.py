@@ -11,9 +11,7 @@ import json
 import logging
 import math
 import os
-import shutil
 import subprocess
-import sys
 from dataclasses import replace
 from itertools import islice
 from pathlib import Path
@@ -32,7 +30,7 @@ from gqa.train.api import load_recipe, run_recipe
 from gqa.train.dataset import StreamLoader, StreamShare, make_collate, prepare_data
 from gqa.train.plan import plan_training
 from gqa.train.recipe import DataSection
-from train_helpers import EVAL_MODULES, REPO, TRAIN_MODULES, docs_text, make_model, tiny_overrides, torchrun
+from train_helpers import REPO, TRAIN_MODULES, docs_text, make_model, tiny_overrides, torchrun, write_shards
 
 RECIPE = REPO / "recipes" / "tiny-cpu.yaml"
 TESTS = Path(__file__).resolve().parent
@@ -44,13 +42,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("train-stream")
-    shards = root / "shards"
-    shards.mkdir()
-    for i, modules in enumerate(SHARDS):
-        documents = docs_text(modules).strip().split("\n\n")
-        datasets.Dataset.from_dict({"text": documents}).to_parquet(str(shards / f"train-{i:05d}.parquet"))
-    held = root / "heldout.txt"
-    held.write_text(docs_text(EVAL_MODULES))
+    shards, held = write_shards(root, SHARDS)
     model = make_model(root)
     return SimpleNamespace(root=root, model=model, tokenizer=AutoTokenizer.from_pretrained(model), shards=shards,
                            files=sorted(shards.glob("*.parquet")), held=held, cache=root / "cache")

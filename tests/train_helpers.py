@@ -6,6 +6,9 @@ import json
 import socket
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import datasets
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -81,3 +84,24 @@ def torchrun(nproc: int = 2) -> list[str]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]
+
+
+def write_shards(root: Path, shards: tuple[tuple[str, ...], ...]) -> tuple[Path, Path]:
+    """A folder of parquet shards, one a group of modules' docstrings (one document a row), and held-out text."""
+    folder = root / "shards"
+    folder.mkdir()
+    for i, modules in enumerate(shards):
+        documents = docs_text(modules).strip().split("\n\n")
+        datasets.Dataset.from_dict({"text": documents}).to_parquet(str(folder / f"train-{i:05d}.parquet"))
+    held = root / "heldout.txt"
+    held.write_text(docs_text(EVAL_MODULES))
+    return folder, held
+
+
+def training_workspace(root: Path) -> SimpleNamespace:
+    """A converted tiny model, an 8-KV-head teacher, training and held-out text, a data cache."""
+    train_file, eval_file = write_texts(root)
+    return SimpleNamespace(
+        root=root, model=make_model(root), teacher=make_model(root, "teacher", kv_heads=8, seed=1),
+        train=train_file, eval=eval_file, cache=root / "cache",
+    )

@@ -44,7 +44,9 @@ import json
 import logging
 import math
 import os
+import queue
 import shutil
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -56,7 +58,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from torch.utils.data import DataLoader
 
 from gqa.convert.errors import GQAError
 from gqa.convert import corpus
@@ -595,28 +596,69 @@ class StreamLoader:
     """The training batches of a streamed run, and every process's position in the stream for checkpoints.
 
     Not prepared by accelerate: each process already reads only its share (StreamShare), so batches go to
-    the device as they come. Registered with accelerator.register_for_checkpointing: save_state stores
-    state_dict() with every checkpoint and load_state restores it. Each process's position differs (each
-    reads its own files), so state_dict gathers them all, by rank, and each process restores its own; a
-    checkpoint resumes only under the number of processes that wrote it. The DataLoader reads in this
-    process (num_workers=0): nothing is read ahead of the position saved.
+    the device as they come. A thread reads, tokenises and packs up to `read_ahead` micro batches ahead of
+    training (the tokenizer and pyarrow release the GIL, so that work overlaps the training step on the
+    spare CPU cores), and hands each batch over with the position just after it, so the position
+    saved is that of the last batch trained on, never of what was read ahead. Registered with
+    accelerator.register_for_checkpointing: save_state stores state_dict() with every checkpoint and
+    load_state restores it. Each process's position differs (each reads its own files), so state_dict
+    gathers them all, by rank, and each process restores its own; a checkpoint resumes only under the
+    number of processes that wrote it.
     """
 
     def __init__(self, share: StreamShare, batch_size: int, collate: Callable, device,
-                 gather: Callable[[list], list] = lambda items: items):
+                 gather: Callable[[list], list] = lambda items: items, read_ahead: int = 4):
         self.share = share
         self.batch_size = batch_size  # read by accelerate's DeepSpeed set-up, like a DataLoader's
         self.device = device
         self.gather = gather  # all processes' items, in rank order (accelerate.utils.gather_object)
-        self.loader = DataLoader(share, batch_size=batch_size, collate_fn=collate)
+        self.collate = collate
+        self.read_ahead = read_ahead
+        self.position: dict[str, Any] | None = None  # the share's position after the last batch handed out
 
     def __iter__(self):
-        for batch in self.loader:
-            yield {name: tensor.to(self.device) for name, tensor in batch.items()}
-        raise self.share.ended_error()  # the training stream repeats without end, unless a file has nothing to train on
+        self.position = self.share.state_dict()
+        batches: queue.Queue = queue.Queue(maxsize=self.read_ahead)
+        stop = threading.Event()
+        reader = threading.Thread(target=self._read, args=(batches, stop), daemon=True, name="gqa-stream-reader")
+        reader.start()
+        try:
+            while True:
+                item = batches.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:  # the training stream repeats without end, unless a file has nothing to train on
+                    raise self.share.ended_error()
+                batch, self.position = item
+                yield {name: tensor.to(self.device) for name, tensor in batch.items()}
+        finally:
+            stop.set()
+            with contextlib.suppress(queue.Empty):  # let a reader blocked on a full queue see the stop
+                batches.get_nowait()
+            reader.join()
+
+    def _read(self, batches: queue.Queue, stop: threading.Event) -> None:
+        def hand_over(item) -> bool:
+            while not stop.is_set():
+                with contextlib.suppress(queue.Full):
+                    batches.put(item, timeout=0.1)
+                    return True
+            return False
+
+        try:
+            blocks = iter(self.share)
+            while not stop.is_set():
+                rows = list(islice(blocks, self.batch_size))
+                if len(rows) < self.batch_size:  # the stream ended (see StreamShare.ended)
+                    hand_over(None)
+                    return
+                if not hand_over((self.collate(rows), self.share.state_dict())):
+                    return
+        except BaseException as err:  # handed to the training loop, which raises it
+            hand_over(err)
 
     def state_dict(self) -> dict[str, Any]:
-        shares = self.gather([self.share.state_dict()])
+        shares = self.gather([self.position if self.position is not None else self.share.state_dict()])
         return {"processes": len(shares), "shares": shares}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -631,6 +673,7 @@ class StreamLoader:
                 "or start afresh with resume=never and a new output.dir"
             )
         self.share.load_state_dict(state["shares"][self.share.rank])
+        self.position = None
 
 
 # --- cache key --------------------------------------------------------------------------------
