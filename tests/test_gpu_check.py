@@ -31,6 +31,16 @@ def load_script():
 gpu_check = load_script()
 
 
+@pytest.fixture(autouse=True)
+def restore_environment():
+    """The check, run in this process, sets offline and thread variables for its in-process parts; no
+    other test may inherit them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def run_check(tmp_path: Path, *args: str, name: str = "check") -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / f"{name}.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
