@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedType, GradientAccumulationPlugin, gather_object, set_seed
+from accelerate.utils import SAFE_MODEL_NAME, DistributedType, GradientAccumulationPlugin, gather_object, set_seed
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, get_scheduler
@@ -171,7 +172,8 @@ class _Run:
         recipe, accelerator = self.recipe, self.accelerator
         tokenizer_dir = recipe.model.tokenizer or recipe.model.path
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        self._check_vocab(AutoConfig.from_pretrained(recipe.model.path), tokenizer)
+        self.config = AutoConfig.from_pretrained(recipe.model.path)
+        self._check_vocab(self.config, tokenizer)
         started = time.perf_counter()
         # Prepared data is built by the first process of each machine while the others wait, then read from
         # the cache by all; streamed, each process opens its own share of the stream.
@@ -190,8 +192,8 @@ class _Run:
     def _setup_model(self) -> PreTrainedModel:
         recipe = self.recipe
         # fp32 master weights; under lora the frozen base keeps a 16-bit checkpoint's dtype (see params.weights_dtype)
-        stored = config_dtype(AutoConfig.from_pretrained(recipe.model.path))
-        model = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=weights_dtype(recipe.train.params, stored))
+        dtype = weights_dtype(recipe.train.params, config_dtype(self.config))
+        model = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=dtype)
         model.config.use_cache = False  # no KV cache while training
         if recipe.train.gradient_checkpointing:
             if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.x on
@@ -653,10 +655,8 @@ def _keep_trainable_weights(models: list[torch.nn.Module], weights: list[dict[st
 def _load_trainable_weights(models: list[torch.nn.Module], input_dir: str) -> None:
     """accelerate load_state hook (LoRA): restore the trainable parameters; the frozen ones are already
     model.path's. Loaded here, so accelerate does not demand the frozen weights from the file."""
-    from safetensors.torch import load_file
-
     for i, model in enumerate(list(models)):
-        path = Path(input_dir) / f"model{f'_{i}' if i else ''}.safetensors"
+        path = Path(input_dir) / f"{SAFE_MODEL_NAME}{f'_{i}' if i else ''}.safetensors"  # as accelerate names it
         if not path.is_file():
             raise GQAError(f"checkpoint {input_dir} holds no {path.name}; resume from another checkpoint or resume=never")
         state = load_file(path, device=str(next(model.parameters()).device))
