@@ -12,9 +12,14 @@ one after the other in one process, round after round:
 Measured for each run: seconds (wall, and CPU of this process and its children) from calling
 run_recipe to the end of optimizer step 1; the seconds it spent preparing data (plan.data_seconds);
 tokens per second (wall and CPU) from the end of step --warmup to the end of the last step, so
-reading the next batch counts. Ratios are to the blocks run of the same round. Targets: the
+reading the next batch counts, and the share of that time the training thread spent getting its
+batches (data wait: what the data path adds to training, measured inside the run, so not moved by
+the load of the machine as comparisons between runs are). Ratios are to the blocks run of the same round. Targets: the
 stream's first step within 30 s, its steady-state tokens/s at least 0.97 of blocks'. On a shared
 machine wall time follows the load; the CPU-time figures are the steadier ones.
+
+Last, the stream's reader alone, with nothing training: the tokens/s one training process's reader
+process hands over, the most that reader can feed.
 
 The corpus: the training split of gqa's stdlib-docs corpus (Python's standard-library docstrings),
 repeated, each copy in its own seeded document order, until --gigabytes of UTF-8 text fill --shards
@@ -36,6 +41,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from itertools import islice
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local corpus: never ask the hub
@@ -46,11 +52,12 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gqa.convert.corpus import corpus_documents, corpus_tag
 from gqa.train import loop
 from gqa.train.api import load_recipe, run_recipe
+from gqa.train.dataset import StreamLoader, make_collate, prepare_data
 
 from benchlib import save_random_llama
 
@@ -128,7 +135,18 @@ def timed_run(overrides: list[str], warmup: int, steps: int) -> dict:
     ends: list[float] = []
     tokens: list[int] = []
     cpu: dict[int, float] = {}
-    step = loop._Run._step
+    waits: list[float] = []  # each optimizer step's seconds in the training thread getting its micro batches
+    step, steps_of = loop._Run._step, loop._steps
+
+    def timed_steps(loader, accumulation):
+        batches = iter(loader)
+        while True:
+            started = time.perf_counter()
+            micro = list(islice(batches, accumulation))
+            if len(micro) < accumulation:
+                return
+            waits.append(time.perf_counter() - started)
+            yield micro
 
     def clocked(self, micro_batches):
         result = step(self, micro_batches)
@@ -138,13 +156,13 @@ def timed_run(overrides: list[str], warmup: int, steps: int) -> dict:
             cpu[len(ends)] = cpu_seconds()
         return result
 
-    loop._Run._step = clocked
+    loop._Run._step, loop._steps = clocked, timed_steps
     load = os.getloadavg()[0]
     try:
         start, cpu[0] = time.perf_counter(), cpu_seconds()
         result = run_recipe(RECIPE, overrides)
     finally:
-        loop._Run._step = step
+        loop._Run._step, loop._steps = step, steps_of
     if len(ends) != steps:
         raise SystemExit(f"the run made {len(ends)} optimizer steps, not {steps}")
     steady = sum(tokens[warmup:])
@@ -155,10 +173,31 @@ def timed_run(overrides: list[str], warmup: int, steps: int) -> dict:
         "data_s": result.plan.data_seconds,
         "tokens_per_s": steady / (ends[-1] - (ends[warmup - 1] if warmup else start)),
         "tokens_per_cpu_s": steady / (cpu[steps] - cpu[warmup]),
+        # the share of the steady steps' wall time the training thread spent getting batches
+        "data_wait": sum(waits[warmup:]) / (ends[-1] - (ends[warmup - 1] if warmup else start)),
         "steady_steps": steps - warmup,
         "steady_tokens": steady,
         "step_seconds": [round(b - a, 4) for a, b in zip([start, *ends], ends)],
     }
+
+
+def reader_alone(overrides: list[str], warmup: int, batches: int) -> dict:
+    """The stream with nothing training: tokens/s one process's reader hands over (read, tokenised and packed
+    in its reader process), the most a training process fed by it can reach; CPU-s counts both processes."""
+    recipe = load_recipe(RECIPE, overrides)
+    tokenizer_dir = recipe.model.tokenizer or recipe.model.path
+    data = prepare_data(recipe.data, AutoTokenizer.from_pretrained(tokenizer_dir), tokenizer_dir, recipe.seed)
+    loader = StreamLoader(data.train, recipe.batch.micro, make_collate(recipe.data.block_size, 0), "cpu")
+    tokens = 0
+    for count, batch in enumerate(loader, start=1):
+        if count == warmup:
+            start, cpu = time.perf_counter(), cpu_seconds()
+        elif count > warmup:
+            tokens += batch["input_ids"].numel()
+        if count == warmup + batches:
+            break
+    seconds, cpu_s = time.perf_counter() - start, cpu_seconds() - cpu
+    return {"tokens_per_s": tokens / seconds, "tokens_per_cpu_s": tokens / cpu_s, "batches": batches, "tokens": tokens}
 
 
 # --- the benchmark ---------------------------------------------------------------------------
@@ -185,12 +224,14 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="another recipe override for every run, e.g. batch.micro=4 (repeatable)")
     parser.add_argument("--work-dir", type=Path, default=None, help="for model, caches and outputs (default: a temp dir)")
+    parser.add_argument("--reader-batches", type=int, default=2000,
+                        help="micro batches timed from the stream's reader with nothing training (default 2000)")
     parser.add_argument("--json", type=Path, default=None, help="write every measurement here")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 10 MB corpus, tiny model, 40 steps, 1 repeat (under a minute)")
     args = parser.parse_args()
     if args.quick:  # new defaults; options given on the command line still win
-        parser.set_defaults(gigabytes=0.01, size="tiny", block=128, steps=40, warmup=5, repeats=1)
+        parser.set_defaults(gigabytes=0.01, size="tiny", block=128, steps=40, warmup=5, repeats=1, reader_batches=200)
         args = parser.parse_args()
     if not 1 <= args.cold_repeats <= args.repeats:
         parser.error("--cold-repeats must be at least 1 and at most --repeats")
@@ -247,7 +288,10 @@ def main() -> None:
                     shutil.rmtree(root / name, ignore_errors=True)
                 print(f"round {repeat + 1} {kind:<6} (load {run['load_1min']:.1f}): first step {run['first_step_s']:7.1f} s "
                       f"({run['first_step_cpu_s']:7.1f} CPU-s; data ready {run['data_s']:6.1f} s), "
-                      f"{run['tokens_per_s']:9,.0f} tok/s, {run['tokens_per_cpu_s']:9,.0f} tok/CPU-s", flush=True)
+                      f"{run['tokens_per_s']:9,.0f} tok/s, {run['tokens_per_cpu_s']:9,.0f} tok/CPU-s, "
+                      f"waiting for data {run['data_wait']:.2%}", flush=True)
+
+        reader = reader_alone(overrides("stream", args.repeats, root / "cache-reader"), 20, args.reader_batches)
 
     summary = summarise(runs)
     corpus_info = {kind: json.loads((corpora[kind] / "corpus.json").read_text()) for kind in ("stream", "map")}
@@ -259,13 +303,14 @@ def main() -> None:
         f"corpus: stream {corpus_info['stream']['text_bytes'] / 1e9:.2f} GB, map and blocks "
         f"{corpus_info['map']['text_bytes'] / 1e9:.2f} GB of text in {args.shards} parquet files\n"
     )
-    print(f"{'':<29} {'first step':>10} {'':>10} {'data ready':>10} {'tok/s':>9} {'x blocks':>8} {'tok/CPU-s':>10} {'x blocks':>8}")
+    print(f"{'':<29} {'first step':>10} {'':>10} {'data ready':>10} {'tok/s':>9} {'x blocks':>8} {'tok/CPU-s':>10} "
+          f"{'x blocks':>8} {'data wait':>9}")
     labels = {"stream": "stream (data.streaming=true)", "map": "map, cold cache", "blocks": "blocks (map, warm cache)"}
     for kind in KINDS:
         row = summary[kind]
         print(f"{labels[kind]:<29} {row['first_step_s']:>8.1f} s {row['first_step_cpu_s']:>6.1f} CPU-s "
               f"{row['data_s']:>8.1f} s {row['tokens_per_s']:>9,.0f} {row['ratio']:>8.3f} "
-              f"{row['tokens_per_cpu_s']:>10,.0f} {row['cpu_ratio']:>8.3f}")
+              f"{row['tokens_per_cpu_s']:>10,.0f} {row['cpu_ratio']:>8.3f} {row['data_wait']:>9.2%}")
     stream, blocks, cold = summary["stream"], summary["blocks"], summary["map"]
     gigabytes = corpus_info["map"]["text_bytes"] / 1e9
     print(
@@ -275,13 +320,16 @@ def main() -> None:
         f"{1e6 / stream['tokens_per_cpu_s'] - 1e6 / blocks['tokens_per_cpu_s']:.2f} CPU-s\n"
         f"map path: {gigabytes:.2f} GB prepared in {cold['data_s']:.0f} s ({cold['data_s'] / gigabytes:.0f} s per GB; "
         f"first step after {cold['first_step_cpu_s'] / gigabytes:.0f} CPU-s per GB)\n"
+        f"reader alone (one process's stream, nothing training): {reader['tokens_per_s']:,.0f} tok/s "
+        f"({reader['tokens_per_s'] / blocks['tokens_per_s']:.2f} x the blocks run), {reader['tokens_per_cpu_s']:,.0f} tok/CPU-s\n"
         f"targets: stream's first step within 30 s ({stream['first_step_s']:.1f} s); "
-        f"stream / blocks tok/s at least 0.97 ({stream['ratio']:.3f})"
+        f"stream / blocks tok/s at least 0.97 ({stream['ratio']:.3f}; the stream's data wait {stream['data_wait']:.2%}, "
+        f"the blocks' {blocks['data_wait']:.2%})"
     )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         config = vars(args) | {"parameters": params, "torch_threads": torch.get_num_threads(), "corpus": corpus_info}
-        args.json.write_text(json.dumps({"config": config, "summary": summary, "runs": runs}, indent=2, default=str))
+        args.json.write_text(json.dumps({"config": config, "summary": summary, "reader_alone": reader, "runs": runs}, indent=2, default=str))
         print(f"wrote {args.json}")
 
 
@@ -291,7 +339,7 @@ def summarise(runs: list[dict]) -> dict:
     summary = {}
     for kind in KINDS:
         rows = [r for r in runs if r["kind"] == kind]
-        keys = ("first_step_s", "first_step_cpu_s", "data_s", "tokens_per_s", "tokens_per_cpu_s")
+        keys = ("first_step_s", "first_step_cpu_s", "data_s", "tokens_per_s", "tokens_per_cpu_s", "data_wait")
         median = {key: statistics.median(r[key] for r in rows) for key in keys}
         ratios = [r["tokens_per_s"] / blocks[r["repeat"]]["tokens_per_s"] for r in rows]
         cpu_ratios = [r["tokens_per_cpu_s"] / blocks[r["repeat"]]["tokens_per_cpu_s"] for r in rows]

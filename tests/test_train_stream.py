@@ -335,23 +335,31 @@ def test_a_file_with_nothing_to_train_on_stops_the_run_with_its_name(ws, tmp_pat
         list(loader)
 
 
-def test_a_stream_checkpoint_resumes_only_under_the_process_count_that_wrote_it(ws):
-    def share(rank: int = 0, processes: int = 2):
-        return prepare_data(section(ws, eval_blocks=8), ws.tokenizer, ws.model, seed=0, process_index=rank,
-                            num_processes=processes).train  # fmt: skip
+def test_each_process_resumes_its_own_stream_position_and_only_under_the_process_count_that_wrote_it(ws):
+    def loader(rank: int = 0, processes: int = 2, gather=lambda items: items) -> StreamLoader:
+        share = prepare_data(section(ws, eval_blocks=8), ws.tokenizer, ws.model, seed=0, process_index=rank,
+                             num_processes=processes).train  # fmt: skip
+        return StreamLoader(share, 2, make_collate(64, 0), "cpu", gather=gather)
 
-    shares = [share(0), share(1)]
-    rows(shares[0], 5), rows(shares[1], 9)  # the processes' positions differ
-    saved = StreamLoader(shares[0], 2, make_collate(64, 0), "cpu", gather=lambda items: [items[0], shares[1].state_dict()])
+    running = [loader(0), loader(1)]
+    batches = [iter(running[0]), iter(running[1])]
+    for rank, count in ((0, 2), (1, 5)):  # the processes' positions differ; each reader has read ahead of them
+        for _ in range(count):
+            next(batches[rank])
+    saved = loader(0, gather=lambda items: [items[0], running[1].position])
+    saved.load_state_dict({"processes": 2, "loaders": [running[0].position, None]})
     state = saved.state_dict()
-    assert state["processes"] == 2 and [s["next"] for s in state["shares"]] == [10, 19]
+    assert state["processes"] == 2 and len(state["loaders"]) == 2
     with pytest.raises(GQAError, match=r"saved by 2 process\(es\) and this run has 1; .*resume with 2 process\(es\) "
                        r".*or start afresh with resume=never and a new output\.dir"):
-        StreamLoader(share(0, 1), 2, make_collate(64, 0), "cpu").load_state_dict(state)
-    # Each process restores its own position.
-    resumed = StreamLoader(share(1), 2, make_collate(64, 0), "cpu")
-    resumed.load_state_dict(state)
-    assert rows(resumed.share, 7) == rows(shares[1], 7)
+        loader(0, 1).load_state_dict(state)
+    # Each process restores its own position: the batches after the last one handed to training.
+    for rank in (0, 1):
+        resumed = loader(rank)
+        resumed.load_state_dict(state)
+        expected = [next(batches[rank])["input_ids"] for _ in range(3)]
+        assert all(torch.equal(a["input_ids"], b) for a, b in zip(islice(resumed, 3), expected, strict=True))
+        batches[rank].close()
 
 
 def test_hub_sources_pin_a_revision_as_id_at_revision(ws, tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ test hooks set by the environment, for the tests that kill training from outside
                                 outside lands at the step the test watched for, not several steps later
     KILL_TEST_HOLD_SAVE=FILE    in the first checkpoint save, once the weights, optimizer, schedule and random
                                 states are written and before the run's own states (its step, its stream
-                                position), create FILE and wait to be killed
+                                position), wait to be killed; the first process creates FILE there
 
 Runs with one process (python tests/train_kill_worker.py ...) or under torchrun.
 """
@@ -33,7 +33,9 @@ if "KILL_TEST_BATCH_SECONDS" in os.environ:
 if "KILL_TEST_HOLD_SAVE" in os.environ:
 
     def hold(*args, **kwargs):
-        Path(os.environ["KILL_TEST_HOLD_SAVE"]).touch()
+        # The first process writes the weights and optimizer before it gets here; the others get here at once.
+        if os.environ.get("RANK", "0") == "0":
+            Path(os.environ["KILL_TEST_HOLD_SAVE"]).touch()
         time.sleep(600)
 
     accelerate.accelerator.save_custom_state = hold  # what save_state calls for registered objects

@@ -26,11 +26,14 @@ and drops the other processes' blocks of them, and a warning says so. Files are 
 rate, so a small file repeats sooner than a large one: shards of similar size keep the mixture in
 proportion.
 
-Resuming is exact and does not read the stream again from its start: each file stream's position is datasets' own
-IterableDataset.state_dict(); a process's position (StreamShare.state_dict) is those of the files it
-reads and the next global block it yields. Every process's position is saved with each checkpoint
-(StreamLoader, registered with accelerator.register_for_checkpointing), so a resumed run reads
-exactly the blocks the interrupted one would have; it must run with the same number of processes.
+Each training process reads its share in a reader process of its own (torchdata's StatefulDataLoader, one
+worker), a few micro batches ahead of training. Resuming is exact and does not read the stream again from
+its start: each file stream's position is datasets' own IterableDataset.state_dict(); a process's position
+(StreamShare.state_dict) is those of the files it reads and the next global block it yields, and the
+StatefulDataLoader's state holds the one after the last batch handed to training. Every process's
+position is saved with each checkpoint (StreamLoader, registered with
+accelerator.register_for_checkpointing), so a resumed run reads exactly the blocks the interrupted one
+would have; it must run with the same number of processes.
 The file streams are taken in turn here (StreamShare), not with datasets' interleave_datasets: that
 one reads ahead in threads and, in datasets 5.2, does not always restore a saved position exactly
 (a batched map, or a repeated file near its end, resumes at other blocks).
@@ -44,9 +47,9 @@ import json
 import logging
 import math
 import os
-import queue
+import multiprocessing
 import shutil
-import threading
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -58,6 +61,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from gqa.convert.errors import GQAError
 from gqa.convert import corpus
@@ -592,77 +596,76 @@ def share_files(files: int, rank: int, processes: int) -> list[int]:
     return list(range(rank % apart, files, apart))
 
 
+class StreamBatches(torch.utils.data.IterableDataset):
+    """A share's micro batches, collated. Where the share runs out, or reading it raises a GQAError, the last
+    item is {"error": message} instead: the training process raises it (a reader process's own exception would
+    reach it wrapped in the reader's traceback). Its position is the share's."""
+
+    def __init__(self, share: StreamShare, batch_size: int, collate: Callable):
+        self.share, self.batch_size, self.collate = share, batch_size, collate
+
+    def __iter__(self):
+        try:
+            blocks = iter(self.share)
+            while len(rows := list(islice(blocks, self.batch_size))) == self.batch_size:
+                yield self.collate(rows)
+            yield {"error": str(self.share.ended_error())}  # the training stream repeats, unless a file has no block
+        except GQAError as err:
+            yield {"error": str(err)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.share.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.share.load_state_dict(state)
+
+
 class StreamLoader:
     """The training batches of a streamed run, and every process's position in the stream for checkpoints.
 
     Not prepared by accelerate: each process already reads only its share (StreamShare), so batches go to
-    the device as they come. A thread reads, tokenises and packs up to `read_ahead` micro batches ahead of
-    training (the tokenizer and pyarrow release the GIL, so that work overlaps the training step on the
-    spare CPU cores), and hands each batch over with the position just after it, so the position
-    saved is that of the last batch trained on, never of what was read ahead. Registered with
-    accelerator.register_for_checkpointing: save_state stores state_dict() with every checkpoint and
-    load_state restores it. Each process's position differs (each reads its own files), so state_dict
-    gathers them all, by rank, and each process restores its own; a checkpoint resumes only under the
-    number of processes that wrote it.
+    the device as they come. A reader process (torchdata's StatefulDataLoader, one worker) reads, tokenises and
+    packs up to `read_ahead` micro batches ahead of training, on a core of its own; the loader's position is
+    that of the last batch handed to training, never of what was read ahead. Where processes cannot be forked,
+    the batches are read in the training process. Registered with accelerator.register_for_checkpointing:
+    save_state stores state_dict() with every checkpoint and load_state restores it. Each process's position
+    differs (each reads its own files), so state_dict gathers them all, by rank, and each process restores its
+    own; a checkpoint resumes only under the number of processes that wrote it.
     """
 
     def __init__(self, share: StreamShare, batch_size: int, collate: Callable, device,
                  gather: Callable[[list], list] = lambda items: items, read_ahead: int = 4):
         self.share = share
         self.batch_size = batch_size  # read by accelerate's DeepSpeed set-up, like a DataLoader's
-        self.device = device
+        self.device = torch.device(device)
         self.gather = gather  # all processes' items, in rank order (accelerate.utils.gather_object)
-        self.collate = collate
+        self.batches = StreamBatches(share, batch_size, collate)
         self.read_ahead = read_ahead
-        self.position: dict[str, Any] | None = None  # the share's position after the last batch handed out
+        self.position: dict[str, Any] | None = None  # the loader's state after the last batch handed out
 
     def __iter__(self):
-        self.position = self.share.state_dict()
-        batches: queue.Queue = queue.Queue(maxsize=self.read_ahead)
-        stop = threading.Event()
-        reader = threading.Thread(target=self._read, args=(batches, stop), daemon=True, name="gqa-stream-reader")
-        reader.start()
-        try:
-            while True:
-                item = batches.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item is None:  # the training stream repeats without end, unless a file has nothing to train on
-                    raise self.share.ended_error()
-                batch, self.position = item
-                yield {name: tensor.to(self.device) for name, tensor in batch.items()}
-        finally:
-            stop.set()
-            with contextlib.suppress(queue.Empty):  # let a reader blocked on a full queue see the stop
-                batches.get_nowait()
-            reader.join()
-
-    def _read(self, batches: queue.Queue, stop: threading.Event) -> None:
-        def hand_over(item) -> bool:
-            while not stop.is_set():
-                with contextlib.suppress(queue.Full):
-                    batches.put(item, timeout=0.1)
-                    return True
-            return False
-
-        try:
-            blocks = iter(self.share)
-            while not stop.is_set():
-                rows = list(islice(blocks, self.batch_size))
-                if len(rows) < self.batch_size:  # the stream ended (see StreamShare.ended)
-                    hand_over(None)
-                    return
-                if not hand_over((self.collate(rows), self.share.state_dict())):
-                    return
-        except BaseException as err:  # handed to the training loop, which raises it
-            hand_over(err)
+        # fork: the reader inherits the open streams and the tokenizer, which need not pickle
+        forked = "fork" in multiprocessing.get_all_start_methods()
+        with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in newer torch
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+            loader = StatefulDataLoader(
+                self.batches, batch_size=None, num_workers=1 if forked else 0,
+                prefetch_factor=self.read_ahead if forked else None, multiprocessing_context="fork" if forked else None,
+                pin_memory=self.device.type == "cuda",
+            )  # fmt: skip
+        if self.position is not None:
+            loader.load_state_dict(self.position)
+        for batch in loader:  # the reader process stops when this generator is closed and the loader freed
+            if "error" in batch:
+                raise GQAError(batch["error"])
+            self.position = loader.state_dict()
+            yield {name: tensor.to(self.device, non_blocking=True) for name, tensor in batch.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        shares = self.gather([self.position if self.position is not None else self.share.state_dict()])
-        return {"processes": len(shares), "shares": shares}
+        return {"processes": self.share.processes, "loaders": self.gather([self.position])}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "shares" not in state:
+        if "loaders" not in state:
             raise GQAError("the checkpoint holds its data.train stream position in a layout older than this gqa's; "
                            "start afresh with resume=never and a new output.dir")
         if state["processes"] != self.share.processes:
@@ -672,8 +675,7 @@ class StreamLoader:
                 f"{state['processes']} process(es) (torchrun --nproc_per_node, accelerate launch --num_processes), "
                 "or start afresh with resume=never and a new output.dir"
             )
-        self.share.load_state_dict(state["shares"][self.share.rank])
-        self.position = None
+        self.position = state["loaders"][self.share.rank]
 
 
 # --- cache key --------------------------------------------------------------------------------
