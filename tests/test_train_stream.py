@@ -19,6 +19,8 @@ from types import SimpleNamespace
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -362,12 +364,71 @@ def test_each_process_resumes_its_own_stream_position_and_only_under_the_process
         batches[rank].close()
 
 
+def test_a_parquet_file_streams_one_row_group_at_a_time_and_resumes_inside_its_row_group(ws, tmp_path, monkeypatch):
+    documents = docs_text(TRAIN_MODULES[:3]).strip().split("\n\n")
+    file = tmp_path / "groups.parquet"
+    pq.write_table(pa.table({"id": list(range(len(documents))), "text": documents}), file, row_group_size=40)
+    groups = math.ceil(len(documents) / 40)
+    read = []
+    read_row_group = pq.ParquetFile.read_row_group
+
+    def recorded(self, group, *args, **kwargs):
+        read.append(group)
+        return read_row_group(self, group, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", recorded)
+    docs = dataset._parquet_documents(str(file), "text", "data.train")
+    assert [row["text"] for row in docs] == documents and read == list(range(groups)) and groups >= 4
+    # Nothing is read ahead: the first document reads the first row group only, the 41st the second.
+    read.clear()
+    stream = iter(docs)
+    assert next(stream)["text"] == documents[0] and read == [0]
+    taken = [next(stream)["text"] for _ in range(99)]
+    assert taken == documents[1:100] and read == [0, 1, 2]
+    # A restored position reads again only the rest of its row group (the third), then goes on exactly.
+    state = docs.state_dict()
+    read.clear()
+    resumed = dataset._parquet_documents(str(file), "text", "data.train")
+    resumed.load_state_dict(state)
+    assert [row["text"] for row in resumed] == documents[100:] and read == list(range(2, groups))
+    # Streamed training reads parquet this way, one stream per file, named by the file.
+    monkeypatch.setattr(datasets, "load_dataset", None)  # not datasets' own parquet stream
+    files = dataset.stream_files(dataset.resolve_sources(str(ws.shards), "data.train", "train", tmp_path), section(ws),
+                                 ws.tokenizer, "data.train", tmp_path)  # fmt: skip
+    assert [name for name, _ in files] == [str(f) for f in ws.files]
+
+
+def test_a_hub_dataset_of_parquet_files_streams_them_with_its_split_and_revision(ws, tmp_path, monkeypatch):
+    """Resolved with datasets' builder (the files of the split at the revision), then read as local parquet is."""
+    asked = []
+
+    def load_dataset_builder(path, name=None, **kwargs):
+        asked.append((path, name, kwargs.get("revision")))
+        return real_builder(str(ws.shards))  # a folder of train-*.parquet resolves as a hub repository does
+
+    real_builder = datasets.load_dataset_builder
+    monkeypatch.setattr(datasets, "load_dataset_builder", load_dataset_builder)
+    hub = dataset.stream_files(dataset.resolve_sources("someone/corpus@v1.2", "data.train", "train", tmp_path),
+                               section(ws), ws.tokenizer, "data.train", tmp_path)  # fmt: skip
+    local = dataset.stream_files(dataset.resolve_sources([str(f) for f in ws.files], "data.train", "train", tmp_path),
+                                 section(ws), ws.tokenizer, "data.train", tmp_path)  # fmt: skip
+    assert asked == [("someone/corpus", None, "v1.2")]
+    assert [name for name, _ in hub] == [name for name, _ in local] == [str(f) for f in ws.files]
+    assert all(rows(a, 1000) == rows(b, 1000) for (_, a), (_, b) in zip(hub, local, strict=True))
+    with pytest.raises(GQAError, match=r"data\.train: 'someone/corpus' is not a local path and could not be loaded as a "
+                       r"hub dataset \(config None, split validation, revision v1\.2; data\.train_split\): Available "
+                       r"splits: \['train'\]"):
+        dataset.stream_files(dataset.resolve_sources("someone/corpus@v1.2", "data.train", "validation", tmp_path),
+                             section(ws), ws.tokenizer, "data.train", tmp_path)  # fmt: skip
+
+
 def test_hub_sources_pin_a_revision_as_id_at_revision(ws, tmp_path, monkeypatch):
     (source,) = dataset.resolve_sources("someone/corpus@v1.2", "data.train", "train", tmp_path)
     assert (source.kind, source.location, source.revision) == ("hub", "someone/corpus", "v1.2")
     with pytest.raises(GQAError, match=r"data\.train: 'someone/corpus@' is not a hub dataset id; write ID or ID@REVISION"):
         dataset.resolve_sources("someone/corpus@", "data.train", "train", tmp_path)
-    # The revision reaches datasets, and a missing one is a GQAError naming it.
+    # The revision reaches datasets, prepared (load_dataset) and streamed (its builder), and a missing one is
+    # a GQAError naming it.
     asked = []
 
     def load_dataset(*args, **kwargs):
@@ -375,10 +436,12 @@ def test_hub_sources_pin_a_revision_as_id_at_revision(ws, tmp_path, monkeypatch)
         raise FileNotFoundError("Revision 'v1.2' does not exist")
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    with pytest.raises(GQAError, match=r"data\.train: 'someone/corpus' is not a local path and could not be loaded as a hub "
-                       r"dataset \(config None, split train, revision v1\.2; data\.train_split\): Revision 'v1\.2' does not"):
-        prepare_data(section(ws, train="someone/corpus@v1.2"), ws.tokenizer, ws.model, seed=0)
-    assert asked == ["v1.2"]
+    monkeypatch.setattr(datasets, "load_dataset_builder", load_dataset)
+    for streaming in (True, False):
+        with pytest.raises(GQAError, match=r"data\.train: 'someone/corpus' is not a local path and could not be loaded as a "
+                           r"hub dataset \(config None, split train, revision v1\.2; data\.train_split\): Revision 'v1\.2' "):
+            prepare_data(section(ws, train="someone/corpus@v1.2", streaming=streaming), ws.tokenizer, ws.model, seed=0)
+    assert asked == ["v1.2", "v1.2"]
     # Cached blocks follow the revision.
     keys = {revision: dataset._cache_key(section(ws), dataset.resolve_sources(f"someone/corpus{revision}", "data.train",
                                                                                 "train", tmp_path), [], ws.tokenizer, ws.model, 0)

@@ -8,15 +8,15 @@ blocks at once and any change rebuilds them.
 
 Streamed (data.streaming): data.train is read as datasets IterableDatasets and tokenised and packed on
 the fly, with the same code, so nothing before step 1 grows with the corpus. The stream is made of S
-file streams, one per file of the sources (datasets' IterableDataset.num_shards and .shard(): the
-sources as listed, each one's files in its own order). Each file stream yields its documents in
-order, empty ones dropped; every PACK_DOCUMENTS of them tokenised and packed into blocks exactly as
-prepared data is; its held-out blocks skipped (below); then it repeats epoch after epoch, each run
-of ceil(data.shuffle_buffer / S) consecutive blocks in an order seeded by (seed, file, run number).
-The global stream takes the file streams in turn: its block k is block k div S of file stream
-k mod S. Without data.eval, its first data.eval_blocks blocks are held out (read once by the
-first process of each machine, cached) and each file stream skips exactly its own share of them,
-in every epoch.
+file streams, one per file of the sources (the sources as listed, each one's files in its own order:
+parquet files read one row group at a time, see _parquet_documents; others datasets' shards). Each
+file stream yields its documents in order, empty ones dropped; every PACK_DOCUMENTS of them tokenised
+and packed into blocks exactly as prepared data is; its held-out blocks skipped (below); then it
+repeats epoch after epoch, each run of ceil(data.shuffle_buffer / S) consecutive blocks in an order
+seeded by (seed, file, run number). The global stream takes the file streams in turn: its block k is
+block k div S of file stream k mod S. Without data.eval, its first data.eval_blocks blocks are held
+out (read once by the first process of each machine, cached) and each file stream skips exactly its
+own share of them, in every epoch.
 
 Optimizer step k reads blocks [k*G, (k+1)*G) of the global stream (G the global batch), however many
 processes share it: process i of N reads blocks i, i+N, i+2N, ... When N divides S, those are all
@@ -57,9 +57,11 @@ from pathlib import Path
 from typing import Any, ContextManager
 
 import datasets
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -459,8 +461,8 @@ def _prepare_stream(
 
 
 def stream_files(sources: list[Source], data: DataSection, tokenizer, key: str, cache_root: Path) -> list[tuple[str, datasets.IterableDataset]]:
-    """One stream of blocks per file of the sources (datasets' shards), in order, each with its name: the file's
-    documents, empty ones dropped, tokenised and packed (as _tokenise and _pack do) on the fly."""
+    """One stream of blocks per file of the sources, in order, each with its name: the file's documents, empty
+    ones dropped, tokenised and packed (as _tokenise and _pack do) on the fly."""
     tokenise, pack = _tokeniser(tokenizer, data), _packer(data.block_size, leading_bos(tokenizer))
 
     def blocks(batch: dict[str, list]) -> dict[str, Any]:
@@ -469,15 +471,77 @@ def stream_files(sources: list[Source], data: DataSection, tokenizer, key: str, 
             return {"input_ids": rows}
         return {"input_ids": pack(pa.array(rows, type=pa.list_(pa.int32())))}
 
-    files = []
-    for source in sources:
+    return [
+        (name, docs.filter(_has_text, batched=True).map(blocks, batched=True, batch_size=PACK_DOCUMENTS, remove_columns=["text"]))
+        for source in sources for name, docs in _streamed_documents(source, data, key, cache_root)
+    ]  # fmt: skip
+
+
+def _streamed_documents(source: Source, data: DataSection, key: str, cache_root: Path) -> list[tuple[str, datasets.IterableDataset]]:
+    """A streamed source's documents (one column, "text"), one stream per file, each with its name. Parquet files
+    (a file, a folder of them, a hub dataset stored as parquet) are read by _parquet_documents; other files by
+    datasets' streaming builders (datasets' shards)."""
+    files = _parquet_files(source, data, key)
+    if files is None:
         docs = _text_column(_load_source(source, data, key, cache_root, streaming=True), source, data, key)
         count = docs.num_shards
-        for j in range(count):
-            name = source.location if count == 1 else f"{source.location} (file {j + 1} of {count})"
-            part = docs.shard(num_shards=count, index=j).filter(_has_text, batched=True)
-            files.append((name, part.map(blocks, batched=True, batch_size=PACK_DOCUMENTS, remove_columns=["text"])))
-    return files
+        return [(source.location if count == 1 else f"{source.location} (file {j + 1} of {count})",
+                 docs.shard(num_shards=count, index=j)) for j in range(count)]  # fmt: skip
+    return [(file, _parquet_documents(file, data.text_field, key)) for file in files]
+
+
+def _parquet_files(source: Source, data: DataSection, key: str) -> list[str] | None:
+    """The parquet files a streamed source is made of, in order; None for a source of other files."""
+    split_key = "data.eval_split" if key == "data.eval" else "data.train_split"
+    if source.kind == "parquet":
+        return [source.location]
+    if source.kind == "folder" and source.builder == "parquet":
+        where = f"{key}: could not read split {source.split!r} ({split_key}) of the folder {source.location}"
+        builder = datasets.load_dataset_builder("parquet", data_dir=source.location)
+    elif source.kind == "hub":
+        revision = f", revision {source.revision}" if source.revision else ""
+        where = (f"{key}: {source.location!r} is not a local path and could not be loaded as a hub dataset "
+                 f"(config {data.hub_config}, split {source.split}{revision}; {split_key})")  # fmt: skip
+        try:
+            builder = datasets.load_dataset_builder(source.location, data.hub_config, revision=source.revision)
+        except Exception as err:  # network, auth, missing config or revision: all say the same to the user
+            raise GQAError(f"{where}: {err}") from err
+        if builder.name != "parquet":
+            return None
+    else:
+        return None
+    splits = builder.config.data_files or {}
+    if source.split not in splits:
+        raise GQAError(f"{where}: Available splits: {sorted(str(name) for name in splits)}")
+    return list(splits[source.split])
+
+
+def _parquet_documents(file: str, field: str, key: str) -> datasets.IterableDataset:
+    """A parquet file's `field` column as a stream of documents ("text"), read one row group at a time by one
+    thread: memory holds one row group whatever the size of the file (datasets' parquet stream lets arrow read
+    up to about 1 GiB of a file ahead, for every file a process has open). Each row group is a datasets shard,
+    so a restored position reads again only the rest of its row group."""
+    try:
+        with fsspec.open(file, "rb") as handle:
+            metadata = pq.ParquetFile(handle).metadata
+    except Exception as err:  # a missing or unreadable file: assorted fsspec/pyarrow errors
+        raise GQAError(f"{key}: could not read {file}: {err}") from err
+    columns = metadata.schema.to_arrow_schema().names
+    if field not in columns:
+        raise GQAError(f"data.text_field={field!r} is not a column of {file} (columns: {', '.join(columns)}); set data.text_field")
+    groups = list(range(metadata.num_row_groups))
+    return datasets.IterableDataset.from_generator(
+        _parquet_rows, features=datasets.Features({"text": datasets.Value("string")}),
+        gen_kwargs={"file": [file] * len(groups), "row_group": groups, "field": field},
+    )  # fmt: skip
+
+
+def _parquet_rows(file: list[str], row_group: list[int], field: str):
+    for path, group in zip(file, row_group, strict=True):  # datasets hands each shard its part of the lists
+        with fsspec.open(path, "rb") as handle:
+            column = pq.ParquetFile(handle).read_row_group(group, columns=[field], use_threads=False).column(0)
+        for text in column.to_pylist():
+            yield {"text": text}
 
 
 def _training_streams(files: list[tuple[str, datasets.IterableDataset]], data: DataSection, seed: int, held_out: int):
