@@ -19,7 +19,8 @@ stream's first step within 30 s, its steady-state tokens/s at least 0.97 of bloc
 machine wall time follows the load; the CPU-time figures are the steadier ones.
 
 Last, the stream's reader alone, with nothing training: the tokens/s one training process's reader
-process hands over, the most that reader can feed.
+process hands over, the most that reader can feed, and the reader process's peak resident memory
+(--reader-only measures just this).
 
 The corpus: the training split of gqa's stdlib-docs corpus (Python's standard-library docstrings),
 repeated, each copy in its own seeded document order, until --gigabytes of UTF-8 text fill --shards
@@ -40,6 +41,7 @@ import os
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from itertools import islice
 from pathlib import Path
@@ -188,7 +190,16 @@ def reader_alone(overrides: list[str], warmup: int, batches: int) -> dict:
     tokenizer_dir = recipe.model.tokenizer or recipe.model.path
     data = prepare_data(recipe.data, AutoTokenizer.from_pretrained(tokenizer_dir), tokenizer_dir, recipe.seed)
     loader = StreamLoader(data.train, recipe.batch.micro, make_collate(recipe.data.block_size, 0), "cpu")
-    tokens = 0
+    tokens, peak, done = 0, [0], threading.Event()
+
+    def watch() -> None:  # the reader process's resident memory (pages it shares with this process count too)
+        while not done.wait(0.2):
+            for child in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    peak[0] = max(peak[0], child.memory_info().rss)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     for count, batch in enumerate(loader, start=1):
         if count == warmup:
             start, cpu = time.perf_counter(), cpu_seconds()
@@ -197,7 +208,10 @@ def reader_alone(overrides: list[str], warmup: int, batches: int) -> dict:
         if count == warmup + batches:
             break
     seconds, cpu_s = time.perf_counter() - start, cpu_seconds() - cpu
-    return {"tokens_per_s": tokens / seconds, "tokens_per_cpu_s": tokens / cpu_s, "batches": batches, "tokens": tokens}
+    done.set()
+    watcher.join()
+    return {"tokens_per_s": tokens / seconds, "tokens_per_cpu_s": tokens / cpu_s, "batches": batches, "tokens": tokens,
+            "reader_peak_rss_mb": peak[0] / 2**20}
 
 
 # --- the benchmark ---------------------------------------------------------------------------
@@ -226,6 +240,8 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=None, help="for model, caches and outputs (default: a temp dir)")
     parser.add_argument("--reader-batches", type=int, default=2000,
                         help="micro batches timed from the stream's reader with nothing training (default 2000)")
+    parser.add_argument("--reader-only", action="store_true",
+                        help="measure only the stream's reader alone (tokens/s and its memory), no training runs")
     parser.add_argument("--json", type=Path, default=None, help="write every measurement here")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 10 MB corpus, tiny model, 40 steps, 1 repeat (under a minute)")
@@ -265,6 +281,13 @@ def main() -> None:
             ]
 
         recipe = load_recipe(RECIPE, overrides("stream", 0, root / "unused"))  # checks the overrides before any run
+        if args.reader_only:
+            reader = reader_alone(overrides("stream", 0, root / "cache-reader"), 20, args.reader_batches)
+            print(f"reader alone ({args.shards} files of {args.gigabytes:g} GB): {reader['tokens_per_s']:,.0f} tok/s, "
+                  f"{reader['tokens_per_cpu_s']:,.0f} tok/CPU-s, reader process peak RSS {reader['reader_peak_rss_mb']:,.0f} MB")
+            if args.json:
+                args.json.write_text(json.dumps({"config": vars(args), "reader_alone": reader}, indent=2, default=str))
+            return
         # A short untimed run of each path on the held-out file first, so that what a process pays once
         # (lazy imports, first kernels) falls on none of the timed runs.
         for kind in ("stream", "map"):
@@ -321,7 +344,8 @@ def main() -> None:
         f"map path: {gigabytes:.2f} GB prepared in {cold['data_s']:.0f} s ({cold['data_s'] / gigabytes:.0f} s per GB; "
         f"first step after {cold['first_step_cpu_s'] / gigabytes:.0f} CPU-s per GB)\n"
         f"reader alone (one process's stream, nothing training): {reader['tokens_per_s']:,.0f} tok/s "
-        f"({reader['tokens_per_s'] / blocks['tokens_per_s']:.2f} x the blocks run), {reader['tokens_per_cpu_s']:,.0f} tok/CPU-s\n"
+        f"({reader['tokens_per_s'] / blocks['tokens_per_s']:.2f} x the blocks run), {reader['tokens_per_cpu_s']:,.0f} tok/CPU-s, "
+        f"reader process peak RSS {reader['reader_peak_rss_mb']:,.0f} MB\n"
         f"targets: stream's first step within 30 s ({stream['first_step_s']:.1f} s); "
         f"stream / blocks tok/s at least 0.97 ({stream['ratio']:.3f}; the stream's data wait {stream['data_wait']:.2%}, "
         f"the blocks' {blocks['data_wait']:.2%})"
