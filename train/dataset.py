@@ -274,15 +274,16 @@ def _text_column(part, source: Source, data: DataSection, key: str):
     columns = part.column_names
     if columns is None:  # a stream that does not declare its columns: its first row does
         columns = list(_first_row(part, source.location, key) or {})
-    if data.text_field not in columns:
-        raise GQAError(
-            f"data.text_field={data.text_field!r} is not a column of {source.location} "
-            f"(columns: {', '.join(columns)}); set data.text_field"
-        )
+    _check_text_field(data.text_field, columns, source.location)
     part = part.select_columns([data.text_field])
     if data.text_field != "text":
         part = part.rename_column(data.text_field, "text")
     return part
+
+
+def _check_text_field(field: str, columns: Sequence[str], where: str) -> None:
+    if field not in columns:
+        raise GQAError(f"data.text_field={field!r} is not a column of {where} (columns: {', '.join(columns)}); set data.text_field")
 
 
 def _has_text(batch: dict[str, list]) -> list[bool]:
@@ -309,12 +310,11 @@ def _load_source(source: Source, data: DataSection, key: str, cache_root: Path, 
             return datasets.load_dataset(source.kind, data_files=[source.location], split="train", streaming=streaming)
         except Exception as err:  # malformed files surface as assorted pyarrow/datasets errors
             raise GQAError(f"{key}: could not read {source.location}: {err}") from err
-    split_key = "data.eval_split" if key == "data.eval" else "data.train_split"
     if source.kind == "saved":
         loaded = datasets.load_from_disk(source.location)
         if isinstance(loaded, datasets.DatasetDict):
             if source.split not in loaded:
-                raise GQAError(f"{split_key}={source.split!r} is not a split of {source.location} ({', '.join(loaded)})")
+                raise GQAError(f"{_split_key(key)}={source.split!r} is not a split of {source.location} ({', '.join(loaded)})")
             loaded = loaded[source.split]
         # streamed, one file stream per arrow file, as a folder of data files would give
         return loaded.to_iterable_dataset(num_shards=max(1, len(loaded.cache_files))) if streaming else loaded
@@ -323,15 +323,24 @@ def _load_source(source: Source, data: DataSection, key: str, cache_root: Path, 
         try:
             return datasets.load_dataset(source.builder, data_dir=source.location, split=source.split, streaming=streaming, **text)
         except Exception as err:  # a missing split, or unreadable files
-            raise GQAError(f"{key}: could not read split {source.split!r} ({split_key}) of the folder {source.location}: {err}") from err
+            raise GQAError(f"{_unreadable(source, data, key)}: {err}") from err
     try:  # hub dataset
         return datasets.load_dataset(source.location, data.hub_config, split=source.split, streaming=streaming, revision=source.revision)
     except Exception as err:  # network, auth, missing config, split or revision: all say the same to the user
-        revision = f", revision {source.revision}" if source.revision else ""
-        raise GQAError(
-            f"{key}: {source.location!r} is not a local path and could not be loaded as a hub dataset "
-            f"(config {data.hub_config}, split {source.split}{revision}; {split_key}): {err}"
-        ) from err
+        raise GQAError(f"{_unreadable(source, data, key)}: {err}") from err
+
+
+def _split_key(key: str) -> str:
+    return "data.eval_split" if key == "data.eval" else "data.train_split"
+
+
+def _unreadable(source: Source, data: DataSection, key: str) -> str:
+    """The start of the error for a folder's split or a hub dataset that cannot be read."""
+    if source.kind == "folder":
+        return f"{key}: could not read split {source.split!r} ({_split_key(key)}) of the folder {source.location}"
+    revision = f", revision {source.revision}" if source.revision else ""
+    return (f"{key}: {source.location!r} is not a local path and could not be loaded as a hub dataset "
+            f"(config {data.hub_config}, split {source.split}{revision}; {_split_key(key)})")  # fmt: skip
 
 
 def _tokeniser(tokenizer, data: DataSection) -> Callable[[Sequence[str]], list[list[int]]]:
@@ -492,27 +501,22 @@ def _streamed_documents(source: Source, data: DataSection, key: str, cache_root:
 
 def _parquet_files(source: Source, data: DataSection, key: str) -> list[str] | None:
     """The parquet files a streamed source is made of, in order; None for a source of other files."""
-    split_key = "data.eval_split" if key == "data.eval" else "data.train_split"
     if source.kind == "parquet":
         return [source.location]
     if source.kind == "folder" and source.builder == "parquet":
-        where = f"{key}: could not read split {source.split!r} ({split_key}) of the folder {source.location}"
         builder = datasets.load_dataset_builder("parquet", data_dir=source.location)
     elif source.kind == "hub":
-        revision = f", revision {source.revision}" if source.revision else ""
-        where = (f"{key}: {source.location!r} is not a local path and could not be loaded as a hub dataset "
-                 f"(config {data.hub_config}, split {source.split}{revision}; {split_key})")  # fmt: skip
         try:
             builder = datasets.load_dataset_builder(source.location, data.hub_config, revision=source.revision)
         except Exception as err:  # network, auth, missing config or revision: all say the same to the user
-            raise GQAError(f"{where}: {err}") from err
+            raise GQAError(f"{_unreadable(source, data, key)}: {err}") from err
         if builder.name != "parquet":
             return None
     else:
         return None
     splits = builder.config.data_files or {}
     if source.split not in splits:
-        raise GQAError(f"{where}: Available splits: {sorted(str(name) for name in splits)}")
+        raise GQAError(f"{_unreadable(source, data, key)}: Available splits: {sorted(str(name) for name in splits)}")
     return list(splits[source.split])
 
 
@@ -526,9 +530,7 @@ def _parquet_documents(file: str, field: str, key: str) -> datasets.IterableData
             metadata = pq.ParquetFile(handle).metadata
     except Exception as err:  # a missing or unreadable file: assorted fsspec/pyarrow errors
         raise GQAError(f"{key}: could not read {file}: {err}") from err
-    columns = metadata.schema.to_arrow_schema().names
-    if field not in columns:
-        raise GQAError(f"data.text_field={field!r} is not a column of {file} (columns: {', '.join(columns)}); set data.text_field")
+    _check_text_field(field, metadata.schema.to_arrow_schema().names, file)
     groups = list(range(metadata.num_row_groups))
     return datasets.IterableDataset.from_generator(
         _parquet_rows, features=datasets.Features({"text": datasets.Value("string")}),

@@ -145,7 +145,6 @@ def write_run_file(output_dir: Path, recipe: Recipe, recipe_file: str | None, **
     write_text_atomic(output_dir / RUN_FILE, json.dumps(record, indent=2))
 
 
-
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     old_flat, new_flat = flat_items(old), flat_items(new)
     keys = sorted(set(old_flat) | set(new_flat))
