@@ -37,16 +37,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from gqa.convert.convert import ConvertOptions, convert
 from gqa.train.api import run_recipe
 from gqa.convert.corpus import corpus_text
-from gqa.convert.text import chunk_tokens, leading_bos, text_documents, token_stream
+from gqa.convert.text import leading_bos, text_documents, token_stream
 from gqa.train.demo import fetch_default_model
-from gqa.train.evaluate import score_windows
+from gqa.train.heldout import HeldOut, score_windows, windows_of
 
 
 # The converter's own defaults (ConvertOptions is a pydantic model: defaults live on its fields).
 DEFAULTS = {name: field.default for name, field in ConvertOptions.model_fields.items()}
 
 
-def perplexity(model_dir: Path, windows: list[list[int]]) -> float:
+def perplexity(model_dir: Path, windows: HeldOut) -> float:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         return score_windows(model, windows, torch.device("cpu"), batch_size=4, progress=False)["model"]["perplexity"]
@@ -77,7 +77,8 @@ def main() -> None:
     # The held-out split as training and `gqa eval` read its file: paragraphs, EOS after each.
     documents = text_documents(corpus_text("heldout"))
     stream = token_stream(tokenizer, documents, max_tokens=args.windows * args.seq_len)
-    windows = chunk_tokens(stream, args.seq_len, leading_bos(tokenizer))[: args.windows]
+    windows = windows_of(stream, args.seq_len, leading_bos(tokenizer))
+    windows.windows = windows.windows[: args.windows]
     rows = []
 
     def record(name: str, model_dir: Path, seconds: float, steps: int = 0) -> None:

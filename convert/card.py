@@ -208,6 +208,22 @@ def card_problems(card: str, config: dict[str, Any], provenance: dict[str, Any])
     for claimed in re.findall(r"method: `([^`]+)`", body):
         if method is not None and claimed != method:
             problems.append(f"README.md claims method {claimed!r}; the provenance file says {method!r}")
+    return problems + eval_claim_problems(body, provenance.get("eval") or {})
+
+
+def eval_claim_problems(body: str, evaluation: dict[str, Any]) -> list[str]:
+    """Perplexity and task scores the card claims that the provenance file's eval record does not hold."""
+    problems = []
+    perplexity = evaluation.get("perplexity")
+    for claimed in re.findall(r"^\| model: `[^`]*` \|(?:[^|]*\|){3} ([^ |]+) \|", body, re.MULTILINE):
+        if claimed != "-" and (perplexity is None or claimed != f"{perplexity:.3f}"):
+            problems.append(f"README.md claims perplexity {claimed}; the provenance file's eval says {perplexity}")
+    rows = {(r["task"], r["metric"]): r for r in (evaluation.get("tasks") or {}).get("rows", [])}
+    for task, metric, claimed in re.findall(r"^\| `([^`]+)` \| ([^ |]+) \| ([0-9.]+)", body, re.MULTILINE):
+        row = rows.get((task, metric))
+        if row is None or claimed != f"{row['model']:.4f}":
+            held = f"{row['model']:.4f}" if row else "no such score"
+            problems.append(f"README.md claims {task} {metric} {claimed}; the provenance file's eval holds {held}")
     return problems
 
 

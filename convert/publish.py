@@ -164,6 +164,11 @@ def check_provenance(config, provenance: dict[str, Any] | None, report: CheckRep
         return
     src_kv = source.get("num_key_value_heads")
     for layer, layer_groups in enumerate(groups):
+        if not isinstance(layer_groups, list) or not all(
+            isinstance(g, list) and all(isinstance(h, int) for h in g) for g in layer_groups
+        ):
+            report.problems.append(f"gqa_provenance.json groups of layer {layer} ({layer_groups!r}) are not lists of KV heads")
+            break
         members = sorted(h for g in layer_groups for h in g)
         if len(layer_groups) != kv_heads or (src_kv is not None and members != list(range(src_kv))):
             report.problems.append(

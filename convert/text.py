@@ -75,3 +75,41 @@ def document_window(ids: Sequence[int], length: int, bos_id: int | None = None) 
     if bos_id is None:
         return list(ids[:length])
     return [bos_id, *ids[: length - 1]]
+
+
+# The stream convention: lm-evaluation-harness' loglikelihood_rolling (its wikitext task), the one other
+# tools report. Each document (a whole file, or a .jsonl record) is one token stream, nothing inserted;
+# every token is predicted exactly once, in disjoint windows of at most `length` inputs.
+
+
+def stream_prefix(tokenizer) -> int:
+    """The token a stream's first prediction is made from: BOS, else EOS, as lm-eval's HFLM uses."""
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if prefix is None:
+        raise GQAError("the tokenizer has neither a BOS nor an EOS token to start a stream from; use --convention documents")
+    return prefix
+
+
+def stream_tokens(tokenizer, text: str) -> list[int]:
+    """A document's tokens as lm-eval encodes it: the tokenizer's defaults (BOS first where the tokenizer
+    adds one), none added when the text already starts with the BOS token's text."""
+    bos = tokenizer.bos_token
+    add_special = not (bos and text.startswith(bos))
+    return tokenizer(text, add_special_tokens=add_special, verbose=False)["input_ids"]
+
+
+def rolling_windows(tokens: Sequence[int], length: int, prefix: int) -> list[tuple[list[int], list[int]]]:
+    """(inputs, targets) windows that predict every token once: the last len(targets) positions of
+    `inputs` predict `targets`. The first window starts from `prefix`; each later one predicts the next
+    `length` tokens (fewer at the end) from the `length` tokens before its last target."""
+    if length < 1:
+        raise GQAError(f"windows of {length} token(s) are too short")
+    tokens = list(tokens)
+    windows = []
+    done = 0
+    while done < len(tokens):
+        end = min(done + length, len(tokens))
+        inputs = [prefix, *tokens[: end - 1]] if done == 0 else tokens[max(end - length - 1, 0) : end - 1]
+        windows.append((inputs, tokens[done:end]))
+        done = end
+    return windows

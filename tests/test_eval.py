@@ -17,7 +17,8 @@ from gqa.convert.card import write_model_card
 from gqa.convert.modeldir import read_provenance, write_provenance
 from gqa.train.cli import main
 from gqa.convert.errors import GQAError
-from gqa.train.evaluate import _PeakMemory, chunk_tokens, evaluate, peak_of_running_sum
+from gqa.convert.text import chunk_tokens
+from gqa.train.evaluate import _PeakMemory, evaluate, peak_of_running_sum
 from tiny import save_tiny_llama
 
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
@@ -130,7 +131,8 @@ def test_memorised_text_has_lower_perplexity(setup):
 
 def test_perplexity_matches_the_models_own_loss(setup):
     """Same windows scored through transformers' built-in loss give the same perplexity."""
-    results = evaluate(setup["base"], None, [setup["b"]], SEQ_LEN, contexts=(), update_card=False, progress=False)
+    results = evaluate(setup["base"], None, [setup["b"]], SEQ_LEN, convention="documents", contexts=(),
+                       update_card=False, progress=False)
     # One document (one paragraph): its tokens, then EOS.
     ids = setup["tok"](setup["b"].read_text(), add_special_tokens=False)["input_ids"] + [setup["tok"].eos_token_id]
     model = AutoModelForCausalLM.from_pretrained(setup["base"]).eval()

@@ -12,7 +12,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from gqa.convert.text import chunk_tokens, document_window, encode_documents, leading_bos, token_stream
 from gqa.train.api import run_recipe
 from gqa.train.dataset import prepare_data
-from gqa.train.evaluate import evaluate, read_documents
+from gqa.train.evaluate import evaluate
+from gqa.train.heldout import read_documents
 from gqa.train.recipe import DataSection
 from train_helpers import REPO, TRAIN_MODULES, docs_text, make_model, tiny_overrides, write_texts
 
@@ -72,7 +73,8 @@ def test_the_loops_held_out_perplexity_is_gqa_evals(ws, tmp_path, tokenizer):
     out = tmp_path / "out"
     extra = {"budget__steps": 3, "eval__every": 0, "eval__max_blocks": "null", "checkpoint__every": 0}
     result = run_recipe(RECIPE, tiny_overrides(ws.models[tokenizer], ws.train, ws.eval, out, ws.cache, **extra))
-    scored = evaluate(out, None, [ws.eval], BLOCK, contexts=(), update_card=False, progress=False)
+    scored = evaluate(out, None, [ws.eval], BLOCK, convention="documents", contexts=(), update_card=False,
+                      progress=False)
 
     data = scored["data"]
     assert data["documents"] > 1 and data["bos_per_window"] == (tokenizer == "bos")

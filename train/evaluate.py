@@ -1,21 +1,13 @@
 """`gqa eval`: what a conversion gained and lost, measured against a baseline.
 
-    gqa eval MODEL [--baseline SOURCE] --data FILE... [--seq-len 1024] [--report DIR]
+    gqa eval MODEL [--baseline SOURCE] [--data FILE...] [--tasks NAME,...] [--seq-len 1024] [--report DIR]
 
-Quality: perplexity on held-out text for MODEL and the baseline, and agreement with the baseline on
-the same windows (top-1 next-token agreement, mean KL(baseline || model) per token).
+Quality: perplexity on held-out text for MODEL and the baseline (cut and scored under one of two
+conventions, gqa.train.heldout), agreement with the baseline on the same windows (top-1 next-token
+agreement, mean KL(baseline || model) per token), and downstream task scores from lm-evaluation-harness
+with the same settings for both (gqa.train.tasks).
 Cost: KV-cache bytes per token from the config, checked against the cache `generate` allocates, and
 greedy decode speed with a KV cache at several context lengths, with peak memory.
-
-How text is chunked: as `gqa train` reads its held-out text (gqa.convert.text), so that a model's
-perplexity here and the loop's held-out perplexity on the same file and window length are one
-number. A plain --data file holds documents separated by blank lines; a .jsonl file holds one per
-line, in its "text" field. Each document is tokenised without special tokens and followed by EOS,
-in one stream. The stream is cut into consecutive, non-overlapping windows of --seq-len tokens
-(when the tokenizer adds a BOS token by itself, every window starts with BOS and holds seq_len - 1
-text tokens); the tail shorter than a window is not scored. Each window is scored on its own:
-every token but the window's first is predicted from the tokens before it in the same window.
-Perplexity is exp(total NLL / predicted tokens) over all windows (gqa.convert.perplexity).
 
 `evaluate()` is the Python API: it returns the results and prints nothing; `run()` is the CLI.
 """
@@ -32,7 +24,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -52,9 +43,10 @@ from gqa.convert.modeldir import (
 from gqa.convert.modeldir import DTYPES as DTYPE_BY_NAME
 from gqa.convert.errors import GQAError
 from gqa.convert.kvcache import human_bytes, kv_cache_bytes_per_token, kv_heads_of
-from gqa.convert.perplexity import next_token_losses, perplexity, window_losses
-from gqa.convert.text import chunk_tokens, leading_bos, text_documents, token_stream
 from gqa.train import report
+from gqa.train.heldout import CONVENTIONS, held_out, read_documents, score_windows
+from gqa.train.heldout import describe as describe_held_out
+from gqa.train.tasks import DEFAULT_SEED, TaskSettings, compare, lm_eval_version, parse_task_list, run_tasks, task_manager
 
 logger = logging.getLogger(__name__)
 
@@ -63,41 +55,6 @@ DTYPES = {name: DTYPE_BY_NAME[name] for name in ("float32", "bfloat16", "float16
 # (two models, prefill included) finishes in a few minutes on two cores.
 DEFAULT_CONTEXTS = {"cuda": (512, 2048, 8192), "cpu": (512, 1024, 2048)}
 DEFAULT_NEW_TOKENS = 32
-
-
-# ---------------------------------------------------------------------------------------------- data
-
-
-def read_documents(paths: Sequence[str | Path]) -> list[str]:
-    """A plain file's documents are its blocks of lines between blank lines, as `gqa train` reads a
-    .txt file; a .jsonl file holds one document per line in its "text" field."""
-    if not paths:
-        raise GQAError("no evaluation text: pass --data FILE (plain text, or .jsonl with a 'text' field)")
-    documents = []
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise GQAError(f"--data {path}: no such file; pass held-out text files the model was not trained on")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise GQAError(f"--data {path}: not UTF-8 text ({err}); convert it to UTF-8 first") from err
-        if path.suffix == ".jsonl":
-            for number, line in enumerate(text.splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise GQAError(f"--data {path} line {number}: not JSON ({err})") from err
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise GQAError(f"--data {path} line {number}: no string 'text' field")
-                documents.append(record["text"])
-        else:
-            documents.extend(text_documents(text))
-    documents = [d for d in documents if d.strip()]
-    if not documents:
-        raise GQAError(f"the --data files {', '.join(map(str, paths))} hold no text")
-    return documents
 
 
 # -------------------------------------------------------------------------------------------- models
@@ -136,57 +93,6 @@ def load_tokenizer(model: str | Path, tokenizer_source: str | Path | None):
 
 def _max_positions(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
-
-
-# ------------------------------------------------------------------------------------------- quality
-
-
-@torch.inference_mode()
-def score_windows(
-    model, windows: Sequence[Sequence[int]], device: torch.device, baseline=None, batch_size: int = 1,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """NLL and top-1 accuracy of model (and baseline) on equal-length windows, and their agreement."""
-    sums = {"nll": 0.0, "correct": 0, "base_nll": 0.0, "base_correct": 0, "agree": 0, "kl": 0.0, "tokens": 0}
-    bar = tqdm(range(0, len(windows), batch_size), desc="perplexity" + (" + agreement" if baseline is not None else ""),
-               unit="batch", disable=not progress)
-    for start in bar:
-        ids = torch.as_tensor(np.asarray(windows[start : start + batch_size]), device=device)
-        targets = ids[:, 1:]
-        logits, nll, counted = window_losses(model, ids)
-        sums["nll"] += nll.double().sum().item()
-        sums["tokens"] += int(counted.sum())
-        top1 = logits[:, :-1].float().argmax(-1)
-        sums["correct"] += (top1 == targets).sum().item()
-        if baseline is not None:
-            base_logits = baseline(input_ids=ids).logits
-            if base_logits.shape[-1] != logits.shape[-1]:
-                raise GQAError(
-                    f"model and baseline have different vocabularies ({logits.shape[-1]} vs {base_logits.shape[-1]} "
-                    "logits); agreement needs the same tokenizer: pass the source the model was converted from"
-                )
-            sums["base_nll"] += next_token_losses(base_logits, ids)[0].double().sum().item()
-            base_logp = torch.log_softmax(base_logits[:, :-1].float(), dim=-1)
-            base_top1 = base_logp.argmax(-1)
-            sums["base_correct"] += (base_top1 == targets).sum().item()
-            sums["agree"] += (base_top1 == top1).sum().item()
-            # KL(baseline || model): how much of the baseline's next-token distribution the model loses.
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            sums["kl"] += (base_logp.exp() * (base_logp - logp)).sum().item()
-        bar.set_postfix(ppl=f"{perplexity(sums['nll'] / sums['tokens']):.3g}")
-    n = sums["tokens"]
-    out = {
-        "model": {"nll": sums["nll"] / n, "perplexity": perplexity(sums["nll"] / n), "top1_accuracy": sums["correct"] / n},
-        "predicted_tokens": n,
-    }
-    if baseline is not None:
-        out["baseline"] = {
-            "nll": sums["base_nll"] / n,
-            "perplexity": perplexity(sums["base_nll"] / n),
-            "top1_accuracy": sums["base_correct"] / n,
-        }
-        out["agreement"] = {"top1": sums["agree"] / n, "kl_mean": sums["kl"] / n}
-    return out
 
 
 # ------------------------------------------------------------------------------------ KV cache, speed
@@ -365,6 +271,8 @@ def evaluate(
     seq_len: int = 1024,
     report_dir: str | Path | None = None,
     *,
+    convention: str = "stream",
+    tasks: TaskSettings | None = None,
     tokenizer: str | Path | None = None,
     contexts: Sequence[int] | None = None,
     new_tokens: int = DEFAULT_NEW_TOKENS,
@@ -376,8 +284,10 @@ def evaluate(
     update_card: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate `model` (and `baseline`, when given) on `data_files`; return the results dict.
+    """Evaluate `model` (and `baseline`, when given) on `data_files` and `tasks`; return the results dict.
 
+    convention: how the text is cut and scored, "stream" or "documents" (gqa.train.heldout).
+    tasks: lm-eval tasks scored with the same settings for the model and the baseline.
     contexts: decode context lengths (default by device, see DEFAULT_CONTEXTS; () skips decode).
     kv_context: the context length the KV-cache size is quoted at (default: the model's maximum).
     update_card: when `model` is a directory with a gqa provenance file, store the summary in its
@@ -388,13 +298,23 @@ def evaluate(
     dtype = _resolve_dtype(dtype, device, model)
     if new_tokens < 2:
         raise GQAError(f"--new-tokens {new_tokens}: decode speed needs at least 2 new tokens")
-    documents = read_documents(data_files)
+    if not data_files and tasks is None:
+        raise GQAError("nothing to evaluate: pass --data FILE (perplexity on held-out text), --tasks NAMES, or both")
+    documents = read_documents(data_files, convention) if data_files else None
+    manager = task_manager(tasks) if tasks is not None else None  # unknown task names fail before any model loads
     tok, models, limit = _load_models(model, baseline, tokenizer, device, dtype)
-    if limit is not None and seq_len > limit:
-        raise GQAError(f"--seq-len {seq_len} is longer than the model allows ({limit} positions); pass --seq-len {limit} or less")
-    stream, windows, bos = _held_out_windows(tok, documents, seq_len, max_tokens)
-    scores = score_windows(models[0][2], windows, device, models[1][2] if baseline is not None else None,
-                           batch_size, progress)  # fmt: skip
+    entries = [_describe(role, source, m) for role, source, m in models]
+    held, scores = None, {}
+    if documents is not None:
+        if limit is not None and seq_len > limit:
+            raise GQAError(f"--seq-len {seq_len} is longer than the model allows ({limit} positions); pass --seq-len {limit} or less")
+        held = held_out(tok, documents, seq_len, convention, max_tokens)
+        logger.info("evaluating on %d tokens in %d windows of up to %d", len(held.stream), len(held.windows), seq_len)
+        scores = score_windows(models[0][2], held, device, models[1][2] if baseline is not None else None,
+                               batch_size, progress)  # fmt: skip
+        for entry in entries:
+            entry.update(scores[entry["role"]])
+    task_results = _run_tasks(models, entries, tok, tasks, manager, progress) if tasks is not None else None
 
     if contexts is None:
         contexts = DEFAULT_CONTEXTS["cuda" if device.type == "cuda" else "cpu"]
@@ -404,13 +324,26 @@ def evaluate(
         logger.info("decode contexts %s skipped: context + %d new tokens exceeds %s positions", skipped, new_tokens, limit)
     kv_context = kv_context or limit or seq_len
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    entries = [{**_describe(role, source, m), **scores[role]} for role, source, m in models]
-    _measure_memory_and_speed(models, entries, stream, device, pad_id, kv_context, usable, new_tokens, progress)
+    prompt_tokens = held.stream if held is not None else _fallback_prompt(tok)
+    _measure_memory_and_speed(models, entries, prompt_tokens, device, pad_id, kv_context, usable, new_tokens, progress)
     if baseline is not None:
         _count_agreeing_tokens(entries[0]["decode"], entries[1]["decode"])
 
-    results = _results(device, dtype, data_files, documents, stream, windows, bos, scores, kv_context, new_tokens,
-                       skipped, entries)  # fmt: skip
+    results = {
+        "gqa_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": device.type,
+        "dtype": dtype_name(dtype),
+        "data": describe_held_out(held, data_files) if held is not None else None,
+        "tasks": task_results,
+        "kv_context": kv_context,
+        "decode_new_tokens": new_tokens,
+        "decode_contexts_skipped": skipped,
+        "peak_memory_kind": "torch.cuda.max_memory_allocated above the level before generate"
+        if device.type == "cuda" else "tensor memory allocated above the level before generate (torch CPU allocator events via torch.profiler, a separate untimed run)",
+        "agreement": scores.get("agreement"),
+        "models": entries,
+    }  # fmt: skip
     results["markdown"] = report.markdown_table(results)
     metrics_path = Path(model) / report.METRICS_FILE
     metrics = report.read_metrics(metrics_path) if metrics_path.is_file() else None
@@ -422,31 +355,19 @@ def evaluate(
     return results
 
 
-def _results(device, dtype, data_files, documents, stream, windows, bos, scores, kv_context, new_tokens, skipped, entries):
-    """The results dict `gqa eval` returns and writes as eval.json."""
-    return {
-        "gqa_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": device.type,
-        "dtype": dtype_name(dtype),
-        "data": {
-            "files": [str(p) for p in data_files],
-            "names": [Path(p).name for p in data_files],
-            "documents": len(documents),
-            "tokens": len(stream),
-            "seq_len": windows.shape[1],
-            "bos_per_window": bos is not None,
-            "chunks": len(windows),
-            "predicted_tokens": scores["predicted_tokens"],
-        },
-        "kv_context": kv_context,
-        "decode_new_tokens": new_tokens,
-        "decode_contexts_skipped": skipped,
-        "peak_memory_kind": "torch.cuda.max_memory_allocated above the level before generate"
-        if device.type == "cuda" else "tensor memory allocated above the level before generate (torch CPU allocator events via torch.profiler, a separate untimed run)",
-        "agreement": scores.get("agreement"),
-        "models": entries,
-    }
+def _run_tasks(models, entries, tok, settings: TaskSettings, manager, progress: bool) -> dict[str, Any]:
+    """Each model's task scores (stored in its entry) and the comparison rows, under one set of settings."""
+    for (role, _, model), entry in zip(models, entries):
+        logger.info("tasks %s on the %s", ", ".join(settings.tasks), role)
+        entry["tasks"] = run_tasks(model, tok, settings, manager, progress)["tasks"]
+    base = entries[1]["tasks"] if len(entries) > 1 else None
+    return {"settings": settings.describe(), "lm_eval_version": lm_eval_version(),
+            "rows": compare(entries[0]["tasks"], base)}  # fmt: skip
+
+
+def _fallback_prompt(tok) -> list[int]:
+    """Prompt tokens for the KV-cache and decode measures when no --data text was given."""
+    return tok("The quick brown fox jumps over the lazy dog.", add_special_tokens=False)["input_ids"] or [0]
 
 
 def _load_models(model, baseline, tokenizer, device, dtype):
@@ -463,19 +384,6 @@ def _load_models(model, baseline, tokenizer, device, dtype):
         models.append(("baseline", baseline, load_model(baseline, device, dtype, "baseline")))
     known = [p for p in (_max_positions(m) for _, _, m in models) if p]
     return tok, models, min(known) if known else None
-
-
-def _held_out_windows(tok, documents: list[str], seq_len: int, max_tokens: int | None):
-    stream = token_stream(tok, documents, max_tokens)
-    bos = leading_bos(tok)
-    windows = chunk_tokens(stream, seq_len, bos)
-    if not len(windows):
-        raise GQAError(
-            f"the --data text holds {len(stream)} tokens, fewer than one window of --seq-len {seq_len}; "
-            "pass more held-out text or a smaller --seq-len"
-        )
-    logger.info("evaluating on %d tokens in %d windows of %d", len(stream), len(windows), seq_len)
-    return stream, windows, bos
 
 
 def _describe(role: str, source, model) -> dict[str, Any]:
@@ -530,24 +438,32 @@ def _check_same_tokenizer(tok, baseline: str | Path) -> None:
 
 
 def provenance_summary(results: dict[str, Any]) -> dict[str, Any]:
-    """The part of the results a model card shows: headline numbers and the markdown table."""
+    """The part of the results a model card shows: headline numbers, task rows and the markdown table."""
     by_role = {m["role"]: m for m in results["models"]}
     model, base = by_role["model"], by_role.get("baseline")
-    return {
+    data, tasks = results.get("data"), results.get("tasks")
+    summary = {
         "created": results["created"],
         "gqa_version": results["gqa_version"],
-        "data": results["data"]["names"],
-        "seq_len": results["data"]["seq_len"],
-        "predicted_tokens": results["data"]["predicted_tokens"],
         "baseline": base["source"] if base else None,
-        "perplexity": model["perplexity"],
-        "baseline_perplexity": base["perplexity"] if base else None,
-        "top1_agreement": results["agreement"]["top1"] if results["agreement"] else None,
-        "kl_mean": results["agreement"]["kl_mean"] if results["agreement"] else None,
         "kv_bytes_per_token": model["kv_cache"]["bytes_per_token"],
         "baseline_kv_bytes_per_token": base["kv_cache"]["bytes_per_token"] if base else None,
         "markdown": results["markdown"],
     }
+    if data is not None:
+        summary.update({
+            "data": data["names"], "convention": data["convention"], "seq_len": data["seq_len"],
+            "predicted_tokens": data["predicted_tokens"],
+            "perplexity": model["perplexity"], "baseline_perplexity": base["perplexity"] if base else None,
+            "bits_per_byte": model.get("bits_per_byte"),
+            "baseline_bits_per_byte": base.get("bits_per_byte") if base else None,
+            "top1_agreement": results["agreement"]["top1"] if results["agreement"] else None,
+            "kl_mean": results["agreement"]["kl_mean"] if results["agreement"] else None,
+        })  # fmt: skip
+    if tasks is not None:
+        summary["tasks"] = {"settings": tasks["settings"], "lm_eval_version": tasks["lm_eval_version"],
+                            "rows": tasks["rows"]}  # fmt: skip
+    return summary
 
 
 def store_in_provenance(model_dir: str | Path, results: dict[str, Any]) -> None:
@@ -576,10 +492,28 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "eval") -> None:
     parser.add_argument("model", metavar="MODEL", help="model directory (or hub id) to evaluate")
     parser.add_argument("--baseline", metavar="SOURCE",
                         help="model to compare against, usually the source it was converted from (directory, .gguf file or hub id)")
-    parser.add_argument("--data", metavar="FILE", nargs="+", required=True,
-                        help="held-out text: plain text files (one document each) or .jsonl with a 'text' field")
+    parser.add_argument("--data", metavar="FILE", nargs="+", default=(),
+                        help="held-out text for perplexity: plain text files or .jsonl with a 'text' field")
+    parser.add_argument("--convention", choices=list(CONVENTIONS), default="stream",
+                        help="how --data is scored. stream (default): each file (or .jsonl record) one token stream, "
+                             "every token predicted once, as lm-eval's loglikelihood_rolling and the Hugging Face "
+                             "perplexity guide score text; with bits per byte and word perplexity. documents: "
+                             "paragraphs with EOS after each, cut into windows as training data is (gqa train's figure)")
     parser.add_argument("--seq-len", type=int, default=1024,
-                        help="tokens per evaluation window; windows do not overlap (default 1024)")
+                        help="tokens per evaluation window (model inputs under stream); windows do not overlap (default 1024)")
+    parser.add_argument("--tasks", metavar="NAME[,NAME...]", type=parse_task_list, default=(),
+                        help="lm-evaluation-harness tasks or groups (hellaswag,arc_easy,...) scored for MODEL and "
+                             "--baseline with the same settings; needs pip install 'gqa[eval]'")
+    parser.add_argument("--task-path", metavar="DIR", action="append", default=[],
+                        help="a folder of local lm-eval task YAML files (lm-eval's include path); repeatable")
+    parser.add_argument("--num-fewshot", type=int, default=None, metavar="K",
+                        help="few-shot examples per task item (default: each task's own, 0 when it sets none)")
+    parser.add_argument("--limit", type=_limit, default=None, metavar="N",
+                        help="score only the first N items of each task (a fraction when below 1); default all")
+    parser.add_argument("--task-batch-size", type=int, default=8, metavar="B",
+                        help="requests per forward pass in task scoring (default 8)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help=f"seed of lm-eval's samplers and few-shot draws (default {DEFAULT_SEED}, lm-eval's)")
     parser.add_argument("--report", metavar="DIR",
                         help="write eval.json, eval.md and PNG plots into DIR")
     parser.add_argument("--tokenizer", metavar="SOURCE", help="tokenizer to use (default: the one in MODEL)")
@@ -600,10 +534,30 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "eval") -> None:
                         help="do not store the summary in MODEL's gqa_provenance.json and README.md")
 
 
+def _limit(text: str) -> int | float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a number of items (or a fraction below 1), got {text!r}") from err
+    return int(value) if value >= 1 and value == int(value) else value
+
+
+def task_settings(args: argparse.Namespace) -> TaskSettings | None:
+    """The task settings the flags ask for; None without --tasks (the other task flags then refused)."""
+    if not args.tasks:
+        given = [flag for flag, value in (("--task-path", args.task_path), ("--num-fewshot", args.num_fewshot),
+                                          ("--limit", args.limit)) if value]  # fmt: skip
+        if given:
+            raise GQAError(f"{', '.join(given)} applies to tasks: add --tasks NAME[,NAME...]")
+        return None
+    return TaskSettings(tuple(args.tasks), args.num_fewshot, args.limit, args.task_batch_size, args.seed,
+                        tuple(args.task_path))  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
     results = evaluate(
         args.model, args.baseline, args.data, args.seq_len, args.report,
-        tokenizer=args.tokenizer, contexts=args.contexts, new_tokens=args.new_tokens, kv_context=args.kv_context,
+        convention=args.convention, tasks=task_settings(args), tokenizer=args.tokenizer, contexts=args.contexts, new_tokens=args.new_tokens, kv_context=args.kv_context,
         max_tokens=args.max_tokens, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
         update_card=args.update_card,
     )

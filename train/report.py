@@ -51,12 +51,15 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """Quality and KV-cache table, then decode speed per context: what the card and the CLI show."""
+    """Quality and KV-cache table, task scores, then decode speed per context: what the card and the CLI show."""
     models = results["models"]
     kv_context = results["kv_context"]
+    data = results.get("data")
+    per_byte = bool(data) and any(m.get("bits_per_byte") is not None for m in models)
     lines = [
-        f"| | KV / query heads | KV cache / token | KV cache @ {kv_context} tokens | perplexity | top-1 agreement | KL(baseline‖model) |",
-        "|---|---|---|---|---|---|---|",
+        f"| | KV / query heads | KV cache / token | KV cache @ {kv_context} tokens | perplexity |"
+        + (" bits per byte |" if per_byte else "") + " top-1 agreement | KL(baseline‖model) |",
+        "|---|---|---|---|---|" + ("---|" if per_byte else "") + "---|---|",
     ]
     agreement = results.get("agreement")
     for m in models:
@@ -67,14 +70,13 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines.append(
             f"| {m['role']}: `{m['name']}` | {m['kv_heads']} / {m['num_attention_heads']} | "
             f"{human_bytes(kv['bytes_per_token'])} | {human_bytes(kv['bytes_at_context'])} | "
-            f"{_fmt(m['perplexity'])} | {top1} | {kl} |"
+            f"{_fmt(m.get('perplexity'))} |" + (f" {_fmt(m.get('bits_per_byte'), 4)} |" if per_byte else "")
+            + f" {top1} | {kl} |"
         )
-    data = results["data"]
-    lines += [
-        "",
-        f"Perplexity on {data['predicted_tokens']} predicted tokens of {', '.join(data['names'])} "
-        f"({data['chunks']} windows of {data['seq_len']} tokens); {results['dtype']} on {results['device']}.",
-    ]
+    if data:
+        lines += ["", perplexity_note(data) + f"; {results['dtype']} on {results['device']}."]
+    if results.get("tasks"):
+        lines += ["", *task_table(results["tasks"])]
     contexts = sorted({d["context"] for m in models for d in m["decode"]})
     if contexts:
         lines += [
@@ -91,6 +93,44 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines += ["", f"{results['decode_new_tokens']} new tokens after a prompt of the context length; "
                   f"peak memory is {results['peak_memory_kind']}."]
     return "\n".join(lines)
+
+
+def perplexity_note(data: dict[str, Any]) -> str:
+    """How the perplexity was obtained: the convention, the text and the windows."""
+    if data.get("convention", "documents") == "stream":
+        how = (f"stream convention: each document one token stream, every token predicted once, windows of up to "
+               f"{data['seq_len']} inputs, as lm-eval's loglikelihood_rolling")
+    else:
+        how = (f"documents convention: EOS after each document, {data['chunks']} windows of {data['seq_len']} "
+               "tokens, as gqa train scores held-out blocks")
+    return f"Perplexity on {data['predicted_tokens']} predicted tokens of {', '.join(data['names'])} ({how})"
+
+
+def task_table(tasks: dict[str, Any]) -> list[str]:
+    """Task scores next to the baseline's, with lm-eval's stderr, and how they were obtained."""
+    rows = tasks["rows"]
+    with_base = any(r["baseline"] is not None for r in rows)
+    lines = ["| task | metric | model |" + (" baseline | model / baseline |" if with_base else ""),
+             "|---|---|---|" + ("---|---|" if with_base else "")]
+    for r in rows:
+        line = f"| `{r['task']}` | {r['metric']} | {_with_stderr(r['model'], r['model_stderr'])} |"
+        if with_base:
+            line += f" {_with_stderr(r['baseline'], r['baseline_stderr'])} | {_fmt(r['ratio'])} |"
+        lines.append(line)
+    settings = tasks["settings"]
+    shots = "each task's default few-shot" if settings["num_fewshot"] is None else f"{settings['num_fewshot']}-shot"
+    limit = f"the first {settings['limit']} items of each" if settings["limit"] is not None else "all items"
+    counts = ", ".join(sorted({f"{r['task']}: {r['samples']}" for r in rows if r.get("samples") is not None}))
+    lines += ["", f"Tasks scored by lm-evaluation-harness {tasks['lm_eval_version']}: {shots}, {limit} "
+              f"({counts} items), seed {settings['seed']}, batch size {settings['batch_size']}; "
+              "± is lm-eval's standard error."]
+    return lines
+
+
+def _with_stderr(value: float | None, stderr: float | None) -> str:
+    if value is None:
+        return "-"
+    return _fmt(value, 4) + (f" ± {stderr:.4f}" if isinstance(stderr, float) and math.isfinite(stderr) else "")
 
 
 def _save(fig, ax, path: Path) -> Path:
@@ -111,6 +151,27 @@ def plot_quality_vs_kv(results: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("KV cache per token (KiB)")
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title("Quality against KV-cache size")
+    return _save(fig, ax, path)
+
+
+def plot_tasks(results: dict[str, Any], path: Path) -> Path | None:
+    """Each task metric of the model next to the baseline's, with stderr bars."""
+    rows = (results.get("tasks") or {}).get("rows") or []
+    if not rows:
+        return None
+    labels = [f"{r['task']}\n{r['metric']}" for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
+    has_base = any(r["baseline"] is not None for r in rows)
+    width = 0.4 if has_base else 0.6
+    ax.bar([i - (width / 2 if has_base else 0) for i in x], [r["model"] for r in rows], width,
+           yerr=[r["model_stderr"] or 0 for r in rows], label="model", capsize=3)
+    if has_base:
+        ax.bar([i + width / 2 for i in x], [r["baseline"] or 0 for r in rows], width,
+               yerr=[r["baseline_stderr"] or 0 for r in rows], label="baseline", capsize=3)
+    ax.set_xticks(list(x), labels, fontsize="small")
+    ax.set_ylabel("score (lm-eval)")
+    ax.set_title("Downstream tasks")
     return _save(fig, ax, path)
 
 
@@ -160,7 +221,8 @@ def write_report(results: dict[str, Any], report_dir: str | Path, metrics: list[
     (report_dir / "eval.md").write_text(markdown_table(results) + "\n")
     files["markdown"] = str(report_dir / "eval.md")
     plots = {
-        "quality_vs_kv": plot_quality_vs_kv(results, report_dir / "quality_vs_kv.png"),
+        "quality_vs_kv": plot_quality_vs_kv(results, report_dir / "quality_vs_kv.png") if results.get("data") else None,
+        "tasks": plot_tasks(results, report_dir / "tasks.png"),
         "decode_speed": plot_decode_speed(results, report_dir / "decode_speed.png"),
         "training_curves": plot_training_curves(metrics, report_dir / "training_curves.png") if metrics else None,
     }
