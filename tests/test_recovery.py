@@ -8,14 +8,16 @@ import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gqa.convert.errors import GQAError
-from gqa.train import loop
+from gqa.train import loop, report
 from gqa.train.api import load_recipe, run_recipe
 from gqa.train.dataset import prepare_data
+from gqa.train.evaluate import evaluate
 from train_helpers import REPO, tiny_overrides, training_workspace
 
 RECIPE = REPO / "recipes" / "tiny-cpu.yaml"
@@ -141,3 +143,68 @@ def test_a_baseline_that_is_no_checkpoint_fails_before_training(ws, tmp_path):
     with pytest.raises(GQAError, match=r"eval\.baseline: .*nowhere is neither a local checkpoint directory nor a hub id"):
         run(ws, tmp_path / "b", **{"eval.baseline": tmp_path / "nowhere"})
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_gqa_eval_report_draws_the_recovery_plot(ws, self_baseline, tmp_path):
+    out, _ = self_baseline
+    results = evaluate(out, None, [ws.eval], BLOCK, tmp_path / "report", contexts=(), update_card=False, progress=False)
+    files = results["report_files"]
+    assert Path(files["recovery"]) == tmp_path / "report" / "recovery.png" and Path(files["recovery"]).stat().st_size
+    assert Path(files["training_curves"]).is_file()
+    ax = only_panel(report.recovery_figure(metrics(out)))
+    curve = ax.get_lines()[0]
+    assert list(curve.get_xdata()) == [r["tokens"] for r in evals(out)]
+    assert baseline_line(ax) == baselines(out)[0]["baseline_eval_perplexity"]
+
+
+def only_panel(fig):
+    (ax,) = fig.axes
+    return ax
+
+
+def baseline_line(ax) -> float | None:
+    """The y of the panel's dashed line labelled "original", or None."""
+    lines = [line for line in ax.get_lines() if line.get_label() == "original"]
+    assert all(line.get_linestyle() == "--" for line in lines)
+    return lines[0].get_ydata()[0] if lines else None
+
+
+# Evaluations against tokens, with task scores as another engineer's task evaluation will record them.
+RECORDS = [
+    {"step": 1, "loss": 6.0, "lr": 1e-4, "tokens_seen": 1000},  # training rows are not recovery curves
+    {"step": 0, "tokens": 0, "eval_loss": 4.5, "eval_perplexity": 90.0},
+    {"step": 0, "tokens": 0, "baseline_eval_loss": 2.1, "baseline_eval_perplexity": 8.0},
+    {"step": 0, "tokens": 0, "task/hellaswag/acc": 0.25, "task/arc_easy/acc": 0.3, "baseline_task/hellaswag/acc": 0.4},
+    {"step": 10, "tokens": 1000, "eval_perplexity": 30.0, "task/hellaswag/acc": 0.3, "task/arc_easy/acc": 0.32},
+    {"step": 20, "tokens": 2000, "eval_perplexity": 13.0, "task/hellaswag/acc": 0.35, "task/arc_easy/acc": 0.35},
+    {"step": 20, "tokens": 2000, "eval_perplexity": 12.0},  # the same point again (a restart): the later wins
+]
+
+
+def test_one_recovery_panel_per_curve_with_its_baseline(tmp_path):
+    fig = report.recovery_figure(RECORDS)
+    panels = {ax.get_ylabel(): ax for ax in fig.axes}
+    assert list(panels) == ["held-out perplexity", "task/arc_easy/acc", "task/hellaswag/acc"]
+    curves = {label: ax.get_lines()[0] for label, ax in panels.items()}
+    assert list(curves["held-out perplexity"].get_xdata()) == [0, 1000, 2000]
+    assert list(curves["held-out perplexity"].get_ydata()) == [90.0, 30.0, 12.0]
+    assert list(curves["task/hellaswag/acc"].get_ydata()) == [0.25, 0.3, 0.35]
+    assert baseline_line(panels["held-out perplexity"]) == 8.0
+    assert baseline_line(panels["task/hellaswag/acc"]) == 0.4
+    assert baseline_line(panels["task/arc_easy/acc"]) is None
+    # log-y where the values span more than 10x, the original's line included (90 down to 8), linear elsewhere
+    assert [ax.get_yscale() for ax in panels.values()] == ["log", "linear", "linear"]
+    plt.close(fig)
+
+    assert report.plot_recovery(RECORDS, tmp_path / "recovery.png") == tmp_path / "recovery.png"
+    assert (tmp_path / "recovery.png").stat().st_size
+    # Nothing to draw without evaluations against tokens: no file.
+    assert report.plot_recovery(RECORDS[:1], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
+def test_training_curves_draw_a_baseline_in_its_metrics_panel():
+    fig = report.training_figure(RECORDS)
+    panels = {ax.get_ylabel(): ax for ax in fig.axes}
+    assert not any(label.startswith("baseline_") for label in panels) and "loss" in panels
+    assert baseline_line(panels["eval_perplexity"]) == 8.0 and baseline_line(panels["task/arc_easy/acc"]) is None
+    plt.close(fig)
