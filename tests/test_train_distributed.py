@@ -41,13 +41,18 @@ def grad_norms(out: Path) -> dict[int, float]:
     return {r["step"]: r["grad_norm"] for r in rows if "grad_norm" in r}
 
 
+def step_0(out: Path, key: str) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in rows if r["step"] == 0 and key in r]
+
+
 def test_two_processes_match_one_process_with_the_same_global_batch(ws, tmp_path):
     root, model, train_file, eval_file = ws
     # Unpacked documents: each process's share of a global batch predicts its own number of tokens, and
     # every token must still weigh the same. (One launch costs seconds, so no separate packed run: full
     # blocks come up here too, as micro batches without padding.)
     common = {"budget.steps": 3, "batch.global_sequences": 8, "batch.micro": 2, "eval.max_blocks": 24,
-              "checkpoint.every": 0, "schedule.warmup_steps": 0, "data.pack": "false"}
+              "checkpoint.every": 0, "schedule.warmup_steps": 0, "data.pack": "false", "eval.baseline": model}
     recipe = load_recipe(RECIPE, tiny_overrides(model, train_file, eval_file, tmp_path / "o", root / "cache", **common))
     documents = prepare_data(recipe.data, AutoTokenizer.from_pretrained(model), model, recipe.seed).train
     lengths = [len(ids) for ids in documents.select(training_order(len(documents), 3 * 8, recipe.seed))["input_ids"]]
@@ -87,6 +92,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(ws, tmp_path
     # Evaluation gathers every process's share: the same perplexity from one process or two.
     assert ranks[0]["final_eval"]["loss"] == pytest.approx(one.final_eval["loss"], abs=1e-4)
     assert ranks[0]["final_eval"]["tokens"] == one.final_eval["tokens"]
+    # So do step 0 and the baseline's figure (here the model itself), each written once, by the main process.
+    for key in ("eval_perplexity", "baseline_eval_perplexity"):
+        (two_at_0,), (one_at_0,) = (step_0(tmp_path / run, key) for run in ("two", "one"))
+        assert two_at_0 == pytest.approx(one_at_0, rel=1e-4), key
     # The saved model is rank 0's weights.
     trained = load_file(tmp_path / "two" / "model.safetensors")
     assert all(torch.equal(trained[name], rank0[name]) for name in trained)

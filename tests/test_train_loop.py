@@ -95,7 +95,7 @@ def test_loss_falls_and_the_trained_model_is_saved_sharded_with_provenance(ws, t
     assert [r["step"] for r in logged] == list(range(1, 31))
     assert all(r["tokens_per_second"] > 0 and r["grad_norm"] > 0 and r["lr"] >= 0 for r in logged)
     assert logged[0]["lr"] < logged[4]["lr"]  # warmup (3 steps) then decay
-    assert [r["step"] for r in rows if "eval_loss" in r] == [10, 20, 30]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 10, 20, 30]  # step 0: before the first update
     assert list((out / "logs").rglob("events.out.tfevents.*")), "tensorboard wrote no event file"
     assert json.loads((out / "gqa_run.json").read_text())["status"] == "finished"
 

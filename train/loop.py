@@ -1,7 +1,8 @@
 """The uptraining loop: one recipe, one process or many, with Accelerate throughout.
 
 recipe -> checks (paths, output dir, plan) -> data (tokenised once and cached, or streamed) -> model (+ teacher)
--> Accelerator.prepare -> steps (accumulate, clip, step, schedule, log, eval, checkpoint)
+-> Accelerator.prepare -> step-0 eval of the model and the baseline (a fresh run)
+-> steps (accumulate, clip, step, schedule, log, eval, checkpoint)
 -> final eval -> save_pretrained from accelerator.get_state_dict -> provenance and model card.
 
 The data order is fixed by the seed alone (see dataset.training_order; streamed, the module docstring
@@ -13,6 +14,7 @@ interrupted-then-resumed run all compute the same steps, padded documents includ
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -34,7 +36,9 @@ from gqa.convert import __version__
 from gqa.convert.card import write_model_card
 from gqa.convert.errors import GQAError
 from gqa.convert.perplexity import perplexity, summed_loss
-from gqa.convert.modeldir import DTYPES, config_dtype, dtype_name, now, provenance_of, write_provenance
+from gqa.convert.modeldir import (
+    DTYPES, config_dtype, dtype_name, from_pretrained_args, now, provenance_of, write_provenance,
+)
 from gqa.train import rundir
 from gqa.train.dataset import PreparedData, StreamLoader, make_collate, prepare_data, training_order
 from gqa.train.losses import IGNORE_INDEX, distillation_loss
@@ -57,7 +61,7 @@ class TrainResult:
     tokens_seen: int
     plan: TrainingPlan
     losses: dict[int, float]  # step -> training loss (global batch's token mean), for the steps this call ran
-    evals: list[dict[str, float]]  # every evaluation this call ran: step, loss, perplexity, tokens
+    evals: list[dict[str, float]]  # every evaluation this call ran, step 0 included: step, loss, perplexity, tokens
     final_eval: dict[str, float] | None
     train_seconds: float  # time in training steps this call (evaluation and checkpoints excluded)
     model: PreTrainedModel  # the trained model on this process (unwrapped; LoRA adapters merged once finished)
@@ -137,7 +141,9 @@ class _Run:
         set_seed(recipe.seed)
         tokenizer, data = self._setup_data()  # prints the plan, data included
         model = self._setup_model()
-        teacher = self._load_teacher(model) if recipe.loss.kind == "distill" else None
+        teacher = None
+        if recipe.loss.kind == "distill":
+            teacher = self._load_frozen(recipe.model.teacher, "model.teacher", "distillation needs the same tokenizer")
         optimizer, scheduler = self._setup_optimizer(model)
         train_loader, eval_loader = self._setup_loaders(tokenizer, data)
 
@@ -268,17 +274,24 @@ class _Run:
                 f"{config.vocab_size}; set model.tokenizer to the model's own tokenizer"
             )
 
-    def _load_teacher(self, student: PreTrainedModel) -> PreTrainedModel:
-        # The teacher is frozen and replicated on every process (it is not sharded by FSDP/ZeRO).
-        dtype = DTYPES[self.recipe.precision]
-        teacher = AutoModelForCausalLM.from_pretrained(self.recipe.model.teacher, dtype=dtype)
-        if teacher.config.vocab_size != student.config.vocab_size:
+    def _load_frozen(self, source: str, key: str, why: str) -> PreTrainedModel:
+        """A frozen model in the recipe's precision on this process's device: the teacher, or the baseline.
+
+        Replicated on every process (not sharded by FSDP/ZeRO). `why` says what a different vocabulary breaks.
+        """
+        where, extra = from_pretrained_args(source)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[self.recipe.precision], **extra)
+        except (OSError, ValueError) as err:
             raise GQAError(
-                f"model.teacher {self.recipe.model.teacher} has a vocabulary of {teacher.config.vocab_size}, "
-                f"the student {student.config.vocab_size}; distillation needs the same tokenizer"
+                f"{key}: could not load {source} ({err}); give a checkpoint directory, a .gguf file or a reachable hub id"
+            ) from err
+        if model.config.vocab_size != self.config.vocab_size:
+            raise GQAError(
+                f"{key} {source} has a vocabulary of {model.config.vocab_size}, the student {self.config.vocab_size}; {why}"
             )
-        teacher.requires_grad_(False)
-        return teacher.eval().to(self.accelerator.device)
+        model.requires_grad_(False)
+        return model.eval().to(self.accelerator.device)
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -295,6 +308,9 @@ class _Run:
         evals: list[dict[str, float]] = []
         window = _Window()
         train_seconds = 0.0
+        if self.start is None and recipe.eval.at_start:  # a resumed run's step 0 is in metrics.jsonl already
+            evals.append(self._evaluate(0))
+            self._score_baseline()
         bar = tqdm(total=plan.steps, initial=start_step, desc="uptraining", unit="step", disable=not accelerator.is_main_process)
         self.model.train()
         tick = time.perf_counter()
@@ -428,20 +444,50 @@ class _Run:
             bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", tok_s=f"{values['tokens_per_second']:.0f}")
         window.reset()
 
+    def _held_out_loss(self, model: torch.nn.Module) -> tuple[float, int]:
+        """Token-weighted mean loss on the held-out blocks over every process's share, and the tokens predicted."""
+        # gather_for_metrics drops the samples accelerate repeats to even out the last batch
+        loss_sum, tokens = summed_loss(model, self.eval_loader, self.accelerator.gather_for_metrics)
+        return loss_sum / tokens, tokens
+
     @torch.no_grad()
     def _evaluate(self, step: int) -> dict[str, float]:
-        """Perplexity on the held-out blocks: token-weighted mean loss over every process's share."""
+        """Perplexity on the held-out blocks; its metrics record carries the tokens trained so far (the curves' x)."""
         self.model.eval()
-        # gather_for_metrics drops the samples accelerate repeats to even out the last batch
-        loss_sum, tokens = summed_loss(self.model, self.eval_loader, self.accelerator.gather_for_metrics)
+        loss, tokens = self._held_out_loss(self.model)
         self.model.train()
-        loss = loss_sum / tokens
         result = {"step": step, "loss": loss, "perplexity": perplexity(loss), "tokens": tokens}
         self.accelerator.log({"eval/loss": loss, "eval/perplexity": result["perplexity"]}, step=step)
         if self.main:
-            self._append_metrics({"step": step, "eval_loss": loss, "eval_perplexity": result["perplexity"]})
+            self._append_metrics({"step": step, "tokens": self.progress.tokens_seen, "eval_loss": loss,
+                                  "eval_perplexity": result["perplexity"]})
             logger.info("step %d: eval loss %.4f, perplexity %.3f", step, loss, result["perplexity"])
         return result
+
+    @torch.no_grad()
+    def _score_baseline(self) -> None:
+        """The original's held-out figure, scored once at step 0 as _evaluate scores the model: the recovery
+        curve's target line. A model loaded for it is freed before training starts; the teacher stays."""
+        recipe = self.recipe
+        source = recipe.eval.baseline or recipe.model.teacher
+        if source is None:
+            return
+        in_memory = self.teacher is not None and _same_source(source, recipe.model.teacher)
+        key = "eval.baseline" if recipe.eval.baseline else "model.teacher"
+        baseline = self.teacher if in_memory else self._load_frozen(source, key, "its perplexity would not compare")
+        with self.accelerator.autocast():  # as the teacher runs in the loss
+            loss, _ = self._held_out_loss(baseline)
+        if not in_memory:  # freed now, not at some later collection: training's memory must not hold it too
+            del baseline
+            gc.collect()
+            if torch.cuda.is_available():  # hand its cached blocks back: training should not start beside them
+                torch.cuda.empty_cache()
+        values = {"baseline_eval_loss": loss, "baseline_eval_perplexity": perplexity(loss)}
+        self.accelerator.log({"eval/baseline_loss": loss, "eval/baseline_perplexity": values["baseline_eval_perplexity"]},
+                             step=0)
+        if self.main:
+            self._append_metrics({"step": 0, "tokens": 0, **values})
+            logger.info("baseline %s: eval loss %.4f, perplexity %.3f", source, loss, values["baseline_eval_perplexity"])
 
     def _save_checkpoint(self, step: int) -> None:
         # A finite loss does not prove the update that followed it was finite (Adam can overflow):
@@ -601,6 +647,8 @@ def _check_paths(recipe: Recipe) -> None:
             raise GQAError(f"{key}: {path} is not a directory; point it at a checkpoint dir (e.g. what `gqa convert` wrote)")
         if not (Path(path) / "config.json").is_file():
             raise GQAError(f"{key}: {path} holds no config.json; point it at a transformers checkpoint directory")
+    if recipe.eval.baseline is not None:
+        _check_baseline(recipe.eval.baseline)
     context = getattr(AutoConfig.from_pretrained(recipe.model.path), "max_position_embeddings", None)
     if context and recipe.data.block_size > context:
         raise GQAError(f"data.block_size={recipe.data.block_size} is longer than the model's context ({context} tokens)")
@@ -612,6 +660,23 @@ def _check_paths(recipe: Recipe) -> None:
             __import__(module)
         except ImportError:
             raise GQAError(f"logging.trackers: {tracker} is not installed; pip install {module}, or remove it") from None
+
+
+def _check_baseline(source: str) -> None:
+    """eval.baseline as from_pretrained_args reads it: a local checkpoint dir, a .gguf file, or else a hub id."""
+    path = Path(source).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise GQAError(f"eval.baseline: {source} holds no config.json; point it at a transformers checkpoint directory")
+    if path.is_file() and path.suffix != ".gguf":
+        raise GQAError(f"eval.baseline: {source} is a file; give a checkpoint directory, a .gguf file or a hub id")
+    if not path.exists() and (source.count("/") != 1 or source.startswith((".", "/", "~"))):
+        raise GQAError(f"eval.baseline: {source} is neither a local checkpoint directory nor a hub id (owner/name)")
+
+
+def _same_source(a: str, b: str | None) -> bool:
+    """Whether two model keys name the same checkpoint: one directory however spelled, or one hub id."""
+    pa, pb = Path(a).expanduser(), Path(b or "").expanduser()
+    return b is not None and (pa.resolve() == pb.resolve() if pa.exists() and pb.exists() else a == b)
 
 
 def _accelerator_available() -> bool:

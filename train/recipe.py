@@ -28,7 +28,7 @@ class _Section(BaseModel):
 
 class ModelSection(_Section):
     path: str  # the converted checkpoint directory (what `gqa convert` wrote)
-    teacher: str | None = None  # the source checkpoint; the teacher when loss.kind is distill
+    teacher: str | None = None  # the source checkpoint; the teacher when loss.kind is distill, and eval's baseline
     tokenizer: str | None = None  # where to load the tokenizer from; default: model.path
 
 
@@ -124,6 +124,12 @@ class LossSection(_Section):
 class EvalSection(_Section):
     every: int = Field(0, ge=0)  # evaluate every N optimizer steps; 0: only at the end
     max_blocks: int | None = Field(None, gt=0)  # evaluate on the first N held-out blocks; None: all of them
+    # A fresh run evaluates once before its first update (step 0), where the recovery curve starts, and scores
+    # the baseline there; a resumed run does not (its step 0 is in metrics.jsonl already).
+    at_start: bool = True
+    # The original's figure: a model dir, .gguf file or hub id scored at step 0 on the same held-out blocks.
+    # None: model.teacher when it is set (the distillation teacher already in memory is reused), else no baseline.
+    baseline: str | None = None
 
 
 class CheckpointSection(_Section):

@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # before pyplot: headless machines and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import EngFormatter  # noqa: E402
 
 from gqa.convert.kvcache import human_bytes  # noqa: E402
 
@@ -24,6 +25,11 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 # Keys of a metrics.jsonl record that are x-axes or bookkeeping, not curves to plot.
 _NOT_CURVES = {"step", "tokens", "tokens_seen", "epoch", "time", "timestamp", "elapsed_s"}
+# The original model's figure for a curve K is recorded as BASELINE + K (baseline_eval_perplexity, ...).
+BASELINE = "baseline_"
+# Recovery curves: held-out perplexity, and task scores keyed task/<name>/<metric>; plotted against `tokens`.
+PERPLEXITY = "eval_perplexity"
+TASK = "task/"
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -193,21 +199,91 @@ def plot_decode_speed(results: dict[str, Any], path: Path) -> Path | None:
     return _save(fig, ax, path)
 
 
-def plot_training_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
-    """One panel per numeric metric in the trainer's metrics.jsonl, against step."""
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _baseline_of(records: list[dict[str, Any]], key: str) -> float | None:
+    """The original's figure for curve `key`: the last record holding BASELINE + key, or None."""
+    values = [r[BASELINE + key] for r in records if _number(r.get(BASELINE + key))]
+    return values[-1] if values else None
+
+
+def training_figure(records: list[dict[str, Any]]):
+    """One panel per numeric metric in the trainer's metrics.jsonl, against step; a baseline's figure is a
+    dashed line in its metric's panel. None when the records hold no metric."""
     keys = sorted({k for r in records for k, v in r.items()
-                   if k not in _NOT_CURVES and isinstance(v, (int, float)) and not isinstance(v, bool)})
+                   if k not in _NOT_CURVES and not k.startswith(BASELINE) and _number(v)})
     if not keys:
         return None
     fig, axes = plt.subplots(len(keys), 1, figsize=(6, 2.4 * len(keys)), sharex=True, squeeze=False)
     for ax, key in zip(axes[:, 0], keys):
-        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        points = [(r["step"], r[key]) for r in records if _number(r.get(key))]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 50 else None)
+        baseline = _baseline_of(records, key)
+        if baseline is not None:
+            ax.axhline(baseline, linestyle="--", color="gray", label="original")
+            ax.legend(fontsize="small")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step")
     axes[0, 0].set_title("Training curves (metrics.jsonl)")
     fig.tight_layout()
+    return fig
+
+
+def plot_training_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
+    return _write_figure(training_figure(records), path)
+
+
+def recovery_curves(records: list[dict[str, Any]]) -> list[str]:
+    """The recovery curves the records hold, one panel each: held-out perplexity first, then task scores."""
+    keys = {k for r in records if _number(r.get("tokens")) for k, v in r.items() if _number(v)}
+    return [k for k in (PERPLEXITY, *sorted(k for k in keys if k.startswith(TASK))) if k in keys]
+
+
+def _recovery_points(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(tokens, value) of curve `key`, in token order; a point recorded twice (a run restarted from the same
+    step) counts once, the later record winning."""
+    by_tokens = {r["tokens"]: r[key] for r in records if _number(r.get("tokens")) and _number(r.get(key))}
+    xs = sorted(by_tokens)
+    return xs, [by_tokens[x] for x in xs]
+
+
+def recovery_figure(records: list[dict[str, Any]]):
+    """The recovery figure (matplotlib), or None when the records hold no curve with tokens: each curve
+    against tokens trained, a point per evaluation, the original's figure as a dashed line."""
+    curves = recovery_curves(records)
+    if not curves:
+        return None
+    fig, axes = plt.subplots(len(curves), 1, figsize=(6, 3 * len(curves)), sharex=True, squeeze=False)
+    for ax, key in zip(axes[:, 0], curves):
+        xs, ys = _recovery_points(records, key)
+        ax.plot(xs, ys, marker="o", label="converted")
+        baseline = _baseline_of(records, key)
+        if baseline is not None:
+            ax.axhline(baseline, linestyle="--", color="gray", label="original")
+        values = ys + ([baseline] if baseline is not None else [])
+        if min(values) > 0 and max(values) > 10 * min(values):  # a start far off the original stays readable
+            ax.set_yscale("log")
+        ax.set_ylabel("held-out perplexity" if key == PERPLEXITY else key)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    axes[-1, 0].set_xlabel("tokens trained")
+    axes[-1, 0].xaxis.set_major_formatter(EngFormatter())  # 120 k, 2 M: token counts read at a glance
+    axes[0, 0].set_title("Recovery (metrics.jsonl)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_recovery(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """Write the recovery figure (see recovery_figure) to `path`; None when there is nothing to draw."""
+    return _write_figure(recovery_figure(records), path)
+
+
+def _write_figure(fig, path: Path) -> Path | None:
+    if fig is None:
+        return None
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -225,6 +301,7 @@ def write_report(results: dict[str, Any], report_dir: str | Path, metrics: list[
         "tasks": plot_tasks(results, report_dir / "tasks.png"),
         "decode_speed": plot_decode_speed(results, report_dir / "decode_speed.png"),
         "training_curves": plot_training_curves(metrics, report_dir / "training_curves.png") if metrics else None,
+        "recovery": plot_recovery(metrics, report_dir / "recovery.png") if metrics else None,
     }
     files.update({kind: str(p) for kind, p in plots.items() if p is not None})
     files["json"] = str(report_dir / "eval.json")
