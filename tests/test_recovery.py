@@ -208,3 +208,52 @@ def test_training_curves_draw_a_baseline_in_its_metrics_panel():
     assert not any(label.startswith("baseline_") for label in panels) and "loss" in panels
     assert baseline_line(panels["eval_perplexity"]) == 8.0 and baseline_line(panels["task/arc_easy/acc"]) is None
     plt.close(fig)
+
+
+def test_task_scores_follow_the_run_from_step_0_beside_the_baselines(ws, tmp_path):
+    """eval.tasks: every evaluation scores the tasks as `gqa eval --tasks` does, the baseline at step 0, and
+    the training steps are those of a run without tasks (lm-eval's seeding does not leak into training)."""
+    pytest.importorskip("lm_eval", reason="lm-eval is installed by the test command (gqa[eval])")
+    from test_eval_tasks import write_choice_task
+
+    from gqa.train.tasks import TaskSettings
+
+    folder = write_choice_task(tmp_path / "tasks")
+    out = tmp_path / "out"
+    result = run(ws, out, **{"eval.baseline": ws.model, "eval.tasks": "[tiny_choice]", "eval.task_paths": f"[{folder}]",
+                             "eval.task_limit": 12})  # fmt: skip
+    rows = evals(out)
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    assert all(isinstance(r.get("task/tiny_choice/acc"), float) and "task/tiny_choice/acc_norm" in r for r in rows)
+    baseline = baselines(out)[0]
+    assert baseline["baseline_task/tiny_choice/acc_norm"] == rows[0]["task/tiny_choice/acc_norm"]  # the model itself
+    alone = evaluate(ws.model, tasks=TaskSettings(("tiny_choice",), limit=12, include_paths=(str(folder),)),
+                     contexts=(), update_card=False, progress=False)  # fmt: skip
+    assert rows[0]["task/tiny_choice/acc_norm"] == alone["models"][0]["tasks"]["tiny_choice"]["metrics"]["acc_norm"]
+    assert result.final_eval["tasks"]["task/tiny_choice/acc"] == rows[-1]["task/tiny_choice/acc"]
+    plain = run(ws, tmp_path / "plain", **{"eval.baseline": ws.model})
+    assert result.losses == plain.losses
+
+
+def test_scoring_tasks_leaves_the_global_generators_as_they_were(ws, tmp_path):
+    pytest.importorskip("lm_eval", reason="lm-eval is installed by the test command (gqa[eval])")
+    from test_eval_tasks import write_choice_task
+
+    from gqa.train.tasks import TaskSettings, run_tasks
+
+    settings = TaskSettings(("tiny_choice",), limit=4, include_paths=(str(write_choice_task(tmp_path / "tasks")),))
+    model = AutoModelForCausalLM.from_pretrained(ws.model, dtype=torch.float32)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    run_tasks(model, AutoTokenizer.from_pretrained(ws.model), settings)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_tasks_are_refused_where_no_process_holds_the_whole_model(monkeypatch):
+    from accelerate.utils import DistributedType
+
+    recipe = load_recipe(RECIPE, ["model.path=unused", "eval.tasks=[tiny_choice]"])
+    sharded = SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(deepspeed_plugin=None))
+    with pytest.raises(GQAError, match="eval.tasks needs the whole model in one process"):
+        loop._setup_tasks(recipe, sharded)

@@ -314,7 +314,7 @@ def evaluate(
                                batch_size, progress)  # fmt: skip
         for entry in entries:
             entry.update(scores[entry["role"]])
-    task_results = _run_tasks(models, entries, tok, tasks, manager, progress) if tasks is not None else None
+    task_results = _run_tasks(models, entries, tok, tasks, manager) if tasks is not None else None
 
     if contexts is None:
         contexts = DEFAULT_CONTEXTS["cuda" if device.type == "cuda" else "cpu"]
@@ -355,11 +355,11 @@ def evaluate(
     return results
 
 
-def _run_tasks(models, entries, tok, settings: TaskSettings, manager, progress: bool) -> dict[str, Any]:
+def _run_tasks(models, entries, tok, settings: TaskSettings, manager) -> dict[str, Any]:
     """Each model's task scores (stored in its entry) and the comparison rows, under one set of settings."""
     for (role, _, model), entry in zip(models, entries):
         logger.info("tasks %s on the %s", ", ".join(settings.tasks), role)
-        entry["tasks"] = run_tasks(model, tok, settings, manager, progress)["tasks"]
+        entry["tasks"] = run_tasks(model, tok, settings, manager)["tasks"]
     base = entries[1]["tasks"] if len(entries) > 1 else None
     return {"settings": settings.describe(), "lm_eval_version": lm_eval_version(),
             "rows": compare(entries[0]["tasks"], base)}  # fmt: skip

@@ -46,6 +46,7 @@ from gqa.train.memory import check_run
 from gqa.train.params import apply_lora, lora_record, merge_lora, select_trainable, weights_dtype
 from gqa.train.plan import TrainingPlan, plan_training
 from gqa.train.recipe import Recipe, flat_items
+from gqa.train.tasks import TaskSettings, headline_metrics, run_tasks, task_manager
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +139,10 @@ class _Run:
     def execute(self) -> TrainResult:
         recipe, accelerator = self.recipe, self.accelerator
         _check_lora_distribution(recipe, accelerator.distributed_type)
+        self.tasks, self.task_manager = _setup_tasks(recipe, accelerator)  # names checked before any data or weights
         set_seed(recipe.seed)
         tokenizer, data = self._setup_data()  # prints the plan, data included
+        self.tokenizer = tokenizer
         model = self._setup_model()
         teacher = None
         if recipe.loss.kind == "distill":
@@ -455,14 +458,31 @@ class _Run:
         """Perplexity on the held-out blocks; its metrics record carries the tokens trained so far (the curves' x)."""
         self.model.eval()
         loss, tokens = self._held_out_loss(self.model)
+        tasks = self._score_tasks(self.model, "task")
         self.model.train()
         result = {"step": step, "loss": loss, "perplexity": perplexity(loss), "tokens": tokens}
-        self.accelerator.log({"eval/loss": loss, "eval/perplexity": result["perplexity"]}, step=step)
+        if tasks:
+            result["tasks"] = tasks
+        self.accelerator.log({"eval/loss": loss, "eval/perplexity": result["perplexity"], **tasks}, step=step)
         if self.main:
             self._append_metrics({"step": step, "tokens": self.progress.tokens_seen, "eval_loss": loss,
-                                  "eval_perplexity": result["perplexity"]})
-            logger.info("step %d: eval loss %.4f, perplexity %.3f", step, loss, result["perplexity"])
+                                  "eval_perplexity": result["perplexity"], **tasks})
+            logger.info("step %d: eval loss %.4f, perplexity %.3f%s", step, loss, result["perplexity"],
+                        "".join(f", {k} {v:.4f}" for k, v in tasks.items()))  # fmt: skip
         return result
+
+    def _score_tasks(self, model: torch.nn.Module, prefix: str) -> dict[str, float]:
+        """eval.tasks on the main process (the others wait): {prefix/task/metric: value}; {} without tasks."""
+        if self.tasks is None:
+            return {}
+        values: dict[str, float] = {}
+        if self.main:
+            with self.accelerator.autocast():
+                out = run_tasks(self.accelerator.unwrap_model(model), self.tokenizer, self.tasks, self.task_manager)
+            values = {f"{prefix}/{name}/{metric}": task["metrics"][metric]
+                      for name, task in out["tasks"].items() for metric in headline_metrics(task)}  # fmt: skip
+        self.accelerator.wait_for_everyone()
+        return values
 
     @torch.no_grad()
     def _score_baseline(self) -> None:
@@ -477,12 +497,13 @@ class _Run:
         baseline = self.teacher if in_memory else self._load_frozen(source, key, "its perplexity would not compare")
         with self.accelerator.autocast():  # as the teacher runs in the loss
             loss, _ = self._held_out_loss(baseline)
+        tasks = self._score_tasks(baseline, "baseline_task")
         if not in_memory:  # freed now, not at some later collection: training's memory must not hold it too
             del baseline
             gc.collect()
             if torch.cuda.is_available():  # hand its cached blocks back: training should not start beside them
                 torch.cuda.empty_cache()
-        values = {"baseline_eval_loss": loss, "baseline_eval_perplexity": perplexity(loss)}
+        values = {"baseline_eval_loss": loss, "baseline_eval_perplexity": perplexity(loss), **tasks}
         self.accelerator.log({"eval/baseline_loss": loss, "eval/baseline_perplexity": values["baseline_eval_perplexity"]},
                              step=0)
         if self.main:
@@ -577,6 +598,7 @@ class _Run:
                 "loss": final_eval["loss"],
                 "perplexity": final_eval["perplexity"],
                 "tokens": final_eval["tokens"],
+                **({"tasks": final_eval["tasks"]} if final_eval.get("tasks") else {}),
             },
         }
 
@@ -684,6 +706,22 @@ def _accelerator_available() -> bool:
     if accelerator_api is not None:
         return bool(accelerator_api.is_available())
     return torch.cuda.is_available()
+
+
+def _setup_tasks(recipe: Recipe, accelerator: Accelerator) -> tuple[TaskSettings | None, Any]:
+    """eval.tasks as `gqa eval --tasks` scores them, with lm-eval's task index; (None, None) without tasks.
+    The main process scores the whole model, so sharded launches are refused."""
+    if not recipe.eval.tasks:
+        return None, None
+    plugin = accelerator.state.deepspeed_plugin
+    if accelerator.distributed_type == DistributedType.FSDP or (plugin is not None and plugin.zero_stage == 3):
+        raise GQAError(
+            f"eval.tasks needs the whole model in one process, which {accelerator.distributed_type.value} shards; "
+            "drop eval.tasks and score the saved model with gqa eval --tasks, or launch with DDP"
+        )
+    settings = TaskSettings(tuple(recipe.eval.tasks), recipe.eval.num_fewshot, recipe.eval.task_limit,
+                            include_paths=tuple(recipe.eval.task_paths))  # fmt: skip
+    return settings, task_manager(settings)
 
 
 def _check_lora_distribution(recipe: Recipe, distributed_type: DistributedType) -> None:

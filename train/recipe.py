@@ -130,6 +130,12 @@ class EvalSection(_Section):
     # The original's figure: a model dir, .gguf file or hub id scored at step 0 on the same held-out blocks.
     # None: model.teacher when it is set (the distillation teacher already in memory is reused), else no baseline.
     baseline: str | None = None
+    # lm-eval tasks scored at every evaluation, step 0 and the baseline included, as `gqa eval --tasks` scores
+    # them (same seed and defaults): the recovery curve in task accuracy. Needs gqa[eval]; not under FSDP/ZeRO-3.
+    tasks: list[str] = []
+    task_paths: list[str] = []  # folders of local task YAMLs (lm-eval's include path)
+    task_limit: int | None = Field(200, gt=0)  # items per task at each evaluation; None: all of them
+    num_fewshot: int | None = Field(None, ge=0)  # None: each task's own default
 
 
 class CheckpointSection(_Section):

@@ -9,8 +9,10 @@ lm-eval is an optional extra (`pip install 'gqa[eval]'`); only this module impor
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
+import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -88,7 +90,7 @@ def task_manager(settings: TaskSettings):
     return manager
 
 
-def run_tasks(model, tokenizer, settings: TaskSettings, manager=None, progress: bool = True) -> dict[str, Any]:
+def run_tasks(model, tokenizer, settings: TaskSettings, manager=None) -> dict[str, Any]:
     """Score an already loaded causal LM on the tasks; per task: its metrics as lm-eval reports them.
 
     Returns {"tasks": {name: {"metrics": {metric: value, metric + "_stderr": value, ...},
@@ -101,20 +103,38 @@ def run_tasks(model, tokenizer, settings: TaskSettings, manager=None, progress: 
     manager = manager or task_manager(settings)
     wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
     seed = settings.seed
-    try:
-        out = lm_eval.simple_evaluate(
-            wrapped, tasks=list(settings.tasks), num_fewshot=settings.num_fewshot, limit=settings.limit,
-            task_manager=manager, bootstrap_iters=settings.bootstrap_iters, log_samples=False,
-            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-        )  # fmt: skip
-    except (ConnectionError, OSError) as err:
-        raise GQAError(
-            f"the task data could not be loaded ({type(err).__name__}: {err}); lm-eval's standard tasks download "
-            "their data from the Hugging Face hub: on a machine without it, use local tasks (--task-path DIR)"
-        ) from err
-    finally:
-        model.eval()  # lm-eval leaves the mode as it found it, but a caller inside training relies on it
+    # lm-eval seeds the global generators: a training caller's data order and dropout must not see it.
+    with _generators_kept():
+        try:
+            out = lm_eval.simple_evaluate(
+                wrapped, tasks=list(settings.tasks), num_fewshot=settings.num_fewshot, limit=settings.limit,
+                task_manager=manager, bootstrap_iters=settings.bootstrap_iters, log_samples=False,
+                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+            )  # fmt: skip
+        except (ConnectionError, OSError) as err:
+            raise GQAError(
+                f"the task data could not be loaded ({type(err).__name__}: {err}); lm-eval's standard tasks download "
+                "their data from the Hugging Face hub: on a machine without it, use local tasks (--task-path DIR)"
+            ) from err
     return {"tasks": _by_task(out), "lm_eval_version": out.get("lm_eval_version") or lm_eval_version()}
+
+
+@contextlib.contextmanager
+def _generators_kept():
+    """Python's, numpy's and torch's global random states (CUDA's too) as they were on entry."""
+    import numpy as np
+    import torch
+
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def _by_task(out: dict[str, Any]) -> dict[str, Any]:
