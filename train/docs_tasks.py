@@ -8,8 +8,8 @@ offline: no dataset is downloaded.
 Each item is a HellaSwag-style cloze: the context is the opening words of a prose paragraph, the
 choices are its true continuation and three continuations of the same word count and a similar
 length, taken at the same place in paragraphs of other documents of the same task. The model scores
-each choice by its log-likelihood after the context; acc and acc_norm (log-likelihood per byte, the
-figure HellaSwag reports) are 25% by chance.
+each choice by its log-likelihood after the context; acc and acc_norm (log-likelihood per
+character, the figure HellaSwag reports) are 25% by chance.
 
     python -m gqa.train.docs_tasks runs/tasks    # writes the YAML and jsonl files lm-eval reads
 """
