@@ -16,9 +16,11 @@ import functools
 import importlib
 import inspect
 import io
+import json
 import logging
 import os
 import pkgutil
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -92,8 +94,31 @@ def _docstrings_of(module, name: str) -> list[str]:
     return [inspect.cleandoc(d) for d in docs if isinstance(d, str) and len(d.strip()) >= MIN_DOC_CHARS]
 
 
+# Reads the splits in a fresh interpreter and prints them as JSON (ASCII, whatever the locale).
+_CHILD = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("_gqa_corpus", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+json.dump(module._collect_documents(), sys.stdout)
+"""
+
+
 @functools.cache
 def _split_documents() -> dict[str, tuple[str, ...]]:
+    """Both splits, read in a fresh interpreter: libraries imported into this one replace or add
+    standard-library functions (torch replaces `inspect.getfile`, transformers adds methods to
+    `logging.Logger`), which would change the text with what the caller happened to import."""
+    try:
+        done = subprocess.run([sys.executable, "-c", _CHILD, __file__], capture_output=True, text=True, check=True)
+        return {split: tuple(docs) for split, docs in json.loads(done.stdout).items()}
+    except (OSError, subprocess.CalledProcessError, ValueError) as error:
+        logger.warning("could not read the standard library in a fresh interpreter (%s); reading it in this "
+                       "one, where libraries imported before may change the text", error)  # fmt: skip
+        return _collect_documents()
+
+
+def _collect_documents() -> dict[str, tuple[str, ...]]:
     """Both splits, each docstring once; heldout drops any docstring that train also holds."""
     result: dict[str, tuple[str, ...]] = {}
     seen: set[str] = set()

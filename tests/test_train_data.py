@@ -109,3 +109,18 @@ def test_stdlib_corpus_splits_are_real_disjoint_and_deterministic(tmp_path):
     assert not set(corpus.corpus_documents("train")) & set(corpus.corpus_documents("heldout"))  # no docstring in both
     assert "JSON" in heldout_text and "Return" in train_text  # English prose about the library
     assert corpus.corpus_text("heldout") == heldout_text  # the same text each time
+
+
+def test_stdlib_corpus_does_not_depend_on_what_the_process_imported(tmp_path):
+    """This process has imported torch and transformers, which patch the standard library (torch
+    replaces inspect.getfile, transformers adds methods to logging.Logger); the text is the one a
+    fresh `python -m gqa.convert.corpus` writes."""
+    import subprocess
+    import sys
+
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    subprocess.run([sys.executable, "-m", "gqa.convert.corpus", str(tmp_path)], check=True, capture_output=True)
+    for split in corpus.SPLITS:
+        assert corpus.corpus_text(split) == (tmp_path / f"{split}.txt").read_text(encoding="utf-8"), split
