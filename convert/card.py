@@ -160,7 +160,12 @@ def training_lines(training: dict[str, Any]) -> list[str]:
     final = training.get("final_eval") or {}
     if final.get("perplexity") is not None:
         lines.append(f"- final held-out perplexity: {final['perplexity']:.3f} (loss {final.get('loss', float('nan')):.4f}"
-                     + (f" on {final['tokens']:,} tokens)" if isinstance(final.get("tokens"), int) else ")"))
+                     + (f" on {final['tokens']:,} tokens" if isinstance(final.get("tokens"), int) else "")
+                     + "; training's cut, as gqa eval --convention documents)")
+    tasks = final.get("tasks") or {}
+    if tasks:
+        lines.append("- final task scores (lm-eval, eval.task_limit items): "
+                     + ", ".join(f"{key.removeprefix('task/')} {value:.4f}" for key, value in sorted(tasks.items())))
     if training.get("recipe_file"):
         lines.append(f"- recipe: `{Path(str(training['recipe_file'])).name}`")
     lines += [f"- {key}: {value}" for key, value in training.items()

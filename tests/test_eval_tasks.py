@@ -191,3 +191,16 @@ def test_task_errors_are_clear(ws, monkeypatch, capsys):
     assert main(["eval", str(ws.model), "--tasks", "tiny_choice", "--task-path", str(ws.tasks)]) == 2
     err = capsys.readouterr().err
     assert "pip install 'gqa[eval]'" in err and "Traceback" not in err
+
+
+def test_the_demo_shows_answers_of_the_original_the_converted_and_the_uptrained_model(ws, tmp_path):
+    from gqa.train.demo import answers_table
+
+    other = make_model(tmp_path, "other", seed=1)
+    trained = evaluate(other, ws.model, tasks=settings(ws), contexts=(), update_card=False, progress=False)
+    converted = evaluate(ws.model, tasks=settings(ws), contexts=(), update_card=False, progress=False)
+    table = answers_table(trained, converted)
+    acc = {m["role"]: m["tasks"]["tiny_choice"]["metrics"]["acc"] for m in trained["models"]}
+    assert table[2] == (f"| `tiny_choice` | acc | {acc['baseline']:.3f} | "
+                        f"{converted['models'][0]['tasks']['tiny_choice']['metrics']['acc']:.3f} | {acc['model']:.3f} |")
+    assert "tiny_choice: 24 items" in table[-1]

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     # recipe's own budget is 120 steps.
     parser.add_argument("--steps", type=int, default=24, help="uptraining steps (default 24; the recipe has 120)")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens to evaluate (default 8192)")
+    parser.add_argument("--task-items", type=int, default=80,
+                        help="items of each offline task (gqa_docstrings, gqa_pyref) to score; 0 skips the tasks "
+                             "(default 80: about a minute per model on 2 CPU cores)")
     parser.add_argument("--out", default="runs/demo", help="where the demo writes its models (default runs/demo)")
     parser.add_argument("--prompt", default="The capital of France is", help="prompt for the generation sample")
 
@@ -96,13 +99,27 @@ def generate_sample(model_dir: Path, prompt: str, max_new_tokens: int = 24) -> s
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+def answers_table(trained: dict, converted: dict) -> list[str]:
+    """Task scores of the original, the converted model before uptraining and after: what conversion and
+    uptraining do to answers. `trained` holds the uptrained model and the original (its baseline)."""
+    before = {(r["task"], r["metric"]): r["model"] for r in converted["tasks"]["rows"]}
+    lines = ["| task | metric | original | converted, 0 steps | uptrained |", "|---|---|---|---|---|"]
+    for r in trained["tasks"]["rows"]:
+        lines.append(f"| `{r['task']}` | {r['metric']} | {r['baseline']:.3f} | {before[(r['task'], r['metric'])]:.3f} | "
+                     f"{r['model']:.3f} |")
+    items = ", ".join(sorted({f"{r['task']}: {r['samples']}" for r in trained["tasks"]["rows"]}))
+    return lines + ["", f"Multiple choice among 4 continuations (chance 0.250; {items} items), scored by lm-eval."]
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from gqa.convert.convert import convert
     from gqa.convert.kvcache import human_bytes
     from gqa.train.api import run_recipe, write_corpus
+    from gqa.train.docs_tasks import write_tasks
     from gqa.train.evaluate import evaluate
+    from gqa.train.tasks import TaskSettings
 
     out = Path(args.out).absolute()
     source = args.model or str(fetch_default_model())
@@ -121,20 +138,28 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"[2/4] uptraining with the shipped recipe {DEMO_RECIPE} (real text: Python's own docstrings)", flush=True)
     overrides = [f"model.path={result.out_dir}", f"output.dir={out / 'uptrained'}", "resume=never"]
-    overrides += [f"budget.steps={args.steps}", "schedule.warmup_steps=2", f"eval.every={args.steps}"]
+    overrides += [f"budget.steps={args.steps}", "schedule.warmup_steps=2", f"eval.every={args.steps}",
+                  f"eval.baseline={baseline}"]
     trained = run_recipe(DEMO_RECIPE, overrides)
     print(f"      {trained.steps} steps, {trained.tokens_seen:,} tokens -> {trained.output_dir}", flush=True)
 
-    print("[3/4] evaluating against the original on held-out text", flush=True)
+    print("[3/4] evaluating against the original on held-out text" + (" and two offline tasks" if args.task_items else ""),
+          flush=True)  # fmt: skip
     heldout = write_corpus(out / "corpus")["heldout"]
     report_dir = out / "report"
-    zero_shot = evaluate(result.out_dir, baseline, [heldout], seq_len=512, max_tokens=args.eval_tokens,
+    tasks = None
+    if args.task_items:
+        folder = out / "tasks"
+        tasks = TaskSettings(tuple(write_tasks(folder, items=args.task_items)), include_paths=(str(folder),))
+    zero_shot = evaluate(result.out_dir, None, [heldout], seq_len=512, max_tokens=args.eval_tokens, tasks=tasks,
                          contexts=[], update_card=False, progress=True)  # fmt: skip
     results = evaluate(trained.output_dir, baseline, [heldout], seq_len=512, report_dir=report_dir,
-                       max_tokens=args.eval_tokens, progress=True)  # fmt: skip
+                       max_tokens=args.eval_tokens, tasks=tasks, progress=True)  # fmt: skip
     print(results["markdown"])
     converted_ppl = zero_shot["models"][0]["perplexity"]
     print(f"perplexity right after conversion (0 steps): {converted_ppl:.2f}")
+    if tasks is not None:
+        print("\n" + "\n".join(answers_table(results, zero_shot)))
 
     print(f"[4/4] greedy generation, prompt {args.prompt!r}", flush=True)
     if original is not None:
