@@ -57,6 +57,11 @@ DTYPES = {
 }  # fmt: skip
 
 
+def cache_root() -> Path:
+    """Where gqa keeps what it makes once and reuses: dequantised models, tokenised data, task files."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gqa"
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """config.json's name of a dtype: bfloat16, float16, float32."""
     return str(dtype).removeprefix("torch.")

@@ -204,3 +204,14 @@ def test_the_demo_shows_answers_of_the_original_the_converted_and_the_uptrained_
     assert table[2] == (f"| `tiny_choice` | acc | {acc['baseline']:.3f} | "
                         f"{converted['models'][0]['tasks']['tiny_choice']['metrics']['acc']:.3f} | {acc['model']:.3f} |")
     assert "tiny_choice: 24 items" in table[-1]
+
+
+def test_the_offline_tasks_run_by_name(ws, tmp_path, monkeypatch):
+    """gqa_docstrings and gqa_pyref need no --task-path: they are written once into gqa's cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    results = evaluate(ws.model, tasks=TaskSettings(("gqa_docstrings", "gqa_pyref"), limit=4, bootstrap_iters=0),
+                       contexts=(), update_card=False, progress=False)  # fmt: skip
+    assert {r["task"] for r in results["tasks"]["rows"]} == {"gqa_docstrings", "gqa_pyref"}
+    assert all(r["samples"] == 4 for r in results["tasks"]["rows"])
+    assert sorted(p.name for p in (tmp_path / "cache" / "gqa" / "tasks").glob("*/*.yaml")) == [
+        "gqa_docstrings.yaml", "gqa_pyref.yaml"]

