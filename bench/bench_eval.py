@@ -32,8 +32,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--method", default="mean", help="convert's --method for the 1-KV-head model (default mean)")
     parser.add_argument("--items", type=int, default=160, help="items of each task (default 160, all of them)")
-    parser.add_argument("--eval-tokens", type=int, default=None,
-                        help="score only the first N held-out tokens (default: all; per-byte figures need all)")
+    parser.add_argument("--eval-bytes", type=int, default=40_000,
+                        help="score the held-out docstrings' first paragraphs up to this many bytes (default 40,000; "
+                             "0: the whole split, about 250 KB)")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--work", default=None, help="folder for the conversion, corpus and tasks (default: a temp dir)")
     parser.add_argument("--json", default=None)
@@ -44,6 +45,15 @@ def main() -> None:
     options = ConvertOptions(kv_heads=1, method=args.method, force=True, refine_steps=0)
     converted = convert(str(source), work / f"smollm2-mqa-{args.method}", options).out_dir
     heldout = write_corpus(work / "corpus")["heldout"]
+    if args.eval_bytes:  # whole paragraphs, so that every byte scored is in the per-byte figures
+        kept, size = [], 0
+        for paragraph in heldout.read_text().split("\n\n"):
+            size += len(paragraph.encode()) + 2
+            if size > args.eval_bytes:
+                break
+            kept.append(paragraph)
+        heldout = work / "heldout-part.txt"
+        heldout.write_text("\n\n".join(kept) + "\n")
     tasks = TaskSettings(tuple(write_tasks(work / "tasks", items=args.items)), include_paths=(str(work / "tasks"),))
     runs = {
         "perplexity, stream": dict(data_files=[heldout], convention="stream"),
@@ -55,7 +65,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, kwargs in runs.items():
             start = time.perf_counter()
-            results[name] = evaluate(converted, source, seq_len=args.seq_len, max_tokens=args.eval_tokens, contexts=(),
+            results[name] = evaluate(converted, source, seq_len=args.seq_len, contexts=(),
                                      update_card=False, progress=False, **kwargs)  # fmt: skip
             seconds[name].append(time.perf_counter() - start)
 
