@@ -21,7 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("gqa.convert.commands", "show heads, KV heads, legal --kv-heads and KV-cache sizes"),
     "train": ("gqa.train.commands", "uptrain a converted checkpoint from a recipe (a YAML file or a shipped recipe's name)"),
     "recipes": ("gqa.train.commands", "list the shipped recipes, or copy one out to edit (gqa recipes cp NAME)"),
-    "eval": ("gqa.train.evaluate", "perplexity, agreement, KV-cache and decode speed against a baseline"),
+    "eval": ("gqa.train.evaluate", "perplexity, lm-eval tasks, agreement, KV cache and decode speed against a baseline"),
     "publish": ("gqa.convert.publish", "check a model directory and upload it to the Hugging Face hub"),
     "demo": ("gqa.train.demo", "the whole pipeline on the embedded default (SmolLM2-135M)"),
 }
