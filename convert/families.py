@@ -108,6 +108,25 @@ FAMILIES: tuple[Family, ...] = (
         k_norm="k_layernorm",
         notes=("partial rotary (phi-2: 32 of 80 dims); biases merged; optional shared q/k LayerNorm copied",),
     ),
+    # Gemma-2 and Gemma-3 (text).
+    Family(
+        "Gemma-2",
+        ("gemma2",),
+        notes=(
+            "sliding-window and global layers alternate; attention-logit soft-capping and query_pre_attn_scalar "
+            "act on q·k, which merging and key alignment keep; calibration runs the model's own (eager) attention",
+        ),
+    ),
+    Family(
+        "Gemma-3",
+        ("gemma3_text",),
+        q_norm="q_norm",
+        k_norm="k_norm",
+        notes=(
+            "q_norm/k_norm are per-head RMSNorms shared by all heads: copied unchanged, applied after merging",
+            "local and global RoPE bases (per layer type) with sliding-window layers",
+        ),
+    ),
 )
 
 LAYER_PREFIX = "model.layers.{i}."  # where each decoder layer's tensors live
