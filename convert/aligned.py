@@ -18,8 +18,9 @@ regression, solved exactly by the top eigenvectors of the stacked outputs' covar
 
 Both are exact when the merged heads are copies of each other (or a group has one head), and
 least-squares optimal on the calibration data otherwise. Families that normalise q or k after the
-projection (Qwen3, OLMo-2, StableLM or Phi with q/k LayerNorm) cannot take a key transform through
-the norm, so their keys are mean-pooled; their values are still aligned.
+projection (Qwen3, OLMo-2, Gemma-3, StableLM or Phi with q/k LayerNorm) cannot take a key transform
+through the norm, so their keys are mean-pooled; their values are still aligned. What a model does to
+q·k afterwards (Gemma-2's logit soft-capping and query_pre_attn_scalar) leaves the key transform exact.
 """
 
 from __future__ import annotations

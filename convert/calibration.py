@@ -23,6 +23,7 @@ Each merged layer's attention tensors go to disk, for the streaming writer to pi
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,8 +90,14 @@ def _materialise(
 
 
 def _meta_model(config):
+    """The model on the meta device, with the attention code plain transformers loads it with: SDPA,
+    or the eager code where the model refuses SDPA (Gemma-2, whose attention-logit soft-capping SDPA
+    cannot compute). The config is copied: transformers records its choice in the config it is given."""
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        try:
+            return AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa", dtype=torch.float32)
+        except ValueError:
+            return AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="eager", dtype=torch.float32)
 
 
 class _LayerCall(torch.nn.Module):

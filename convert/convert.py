@@ -356,13 +356,13 @@ def _aligned_pass(src: Source, index, config, out_config, family, geometry, opti
     tokens = calibration_tokens(src.path, text, options.calibration_sequences, length)
     device = calibration_device(options.device)
     log.info("calibrating on %d x %d tokens on %s", *tokens.shape, device)
-    frequencies = rotary_frequencies(config, geometry) if geometry.rotary_dims else None
 
     def merge(layer: int, tensors: dict[str, torch.Tensor], moment: torch.Tensor):
         prefix = ATTENTION_PREFIX.format(i=layer)
         for rel, tensor in tensors.items():
             _check_finite(prefix + rel, tensor)
         groups = _groups_for(tensors, family, geometry, options, moment)
+        frequencies = rotary_frequencies(config, geometry, layer) if geometry.rotary_dims else None
         return merge_attention_unit(tensors, family, geometry, groups, "aligned", None, moment, frequencies), groups
 
     work = staged.parent / "aligned"

@@ -108,6 +108,25 @@ FAMILIES: tuple[Family, ...] = (
         k_norm="k_layernorm",
         notes=("partial rotary (phi-2: 32 of 80 dims); biases merged; optional shared q/k LayerNorm copied",),
     ),
+    # Gemma-2 and Gemma-3 (text).
+    Family(
+        "Gemma-2",
+        ("gemma2",),
+        notes=(
+            "sliding-window and global layers alternate; attention-logit soft-capping and query_pre_attn_scalar "
+            "act on q·k, which merging and key alignment keep; calibration runs the model's own (eager) attention",
+        ),
+    ),
+    Family(
+        "Gemma-3",
+        ("gemma3_text",),
+        q_norm="q_norm",
+        k_norm="k_norm",
+        notes=(
+            "q_norm/k_norm are per-head RMSNorms shared by all heads: copied unchanged, applied after merging",
+            "local and global RoPE bases (per layer type) with sliding-window layers",
+        ),
+    ),
 )
 
 LAYER_PREFIX = "model.layers.{i}."  # where each decoder layer's tensors live
@@ -153,8 +172,16 @@ def geometry_of(config) -> Geometry:
     head_dim = head_dim_of(config)
     if config.model_type in ("stablelm",):  # StableLM ignores config.head_dim; it uses hidden / heads
         head_dim = config.hidden_size // config.num_attention_heads
-    rope = getattr(config, "rope_parameters", None) or {}
-    factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
+    factors = {
+        rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
+        for rope in (rope_parameters(config, layer) for layer in range(config.num_hidden_layers))
+    }
+    if len(factors) > 1:
+        raise GQAError(
+            f"the config's layer types rotate different fractions of each head ({sorted(factors)}); gqa supports "
+            "one partial_rotary_factor for all layers."
+        )
+    (factor,) = factors
     return Geometry(
         layers=config.num_hidden_layers,
         heads=config.num_attention_heads,
@@ -184,15 +211,31 @@ def check_target(geometry: Geometry, kv_heads: int, allow_same: bool = False) ->
         )
 
 
-def rotary_frequencies(config, geometry: Geometry) -> torch.Tensor:
-    """The rotation angle per token of each rotary pair (RoPE's inv_freq), as transformers computes it."""
+def _rope_by_layer_type(config) -> bool:
+    """Whether the config keys its rotary settings by layer type (Gemma-3: a local base for
+    sliding-window layers, a global one, maybe scaled, for full attention)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    layer_types = getattr(config, "layer_types", None) or ()
+    return bool(layer_types and rope and set(rope) <= set(layer_types))
+
+
+def rope_parameters(config, layer: int) -> dict:
+    """The rotary settings layer `layer` uses."""
     rope = dict(getattr(config, "rope_parameters", None) or {})
+    return dict(rope[config.layer_types[layer]] or {}) if _rope_by_layer_type(config) else rope
+
+
+def rotary_frequencies(config, geometry: Geometry, layer: int) -> torch.Tensor:
+    """The rotation angle per token of each rotary pair (RoPE's inv_freq) in layer `layer`, as
+    transformers computes it."""
+    rope = rope_parameters(config, layer)
     rope_type = rope.get("rope_type", "default")
     if rope_type != "default":
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
         if rope_type in ROPE_INIT_FUNCTIONS:
-            return ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")[0].double()
+            layer_type = {"layer_type": config.layer_types[layer]} if _rope_by_layer_type(config) else {}
+            return ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", **layer_type)[0].double()
     theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     exponents = torch.arange(0, geometry.rotary_dims, 2, dtype=torch.float64) / geometry.rotary_dims
     return 1.0 / theta**exponents

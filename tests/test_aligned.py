@@ -150,10 +150,11 @@ def fold_random_transforms(model, seed=0):
     return model
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma", "phi3", "olmo", "phi", "stablelm"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma", "phi3", "olmo", "phi", "stablelm", "gemma2"])
 def test_each_fold_alone_preserves_logits(model_type):
     """The transforms aligned merging relies on change nothing before any merge. Phi and StableLM
-    without their q/k LayerNorm have partial rotary, so unrotated key dims are covered too."""
+    without their q/k LayerNorm have partial rotary, so unrotated key dims are covered too; Gemma-2
+    soft-caps and rescales q·k after them."""
     model = build_family_model(model_type, kv=4, seed=14, qk_layernorm=False)
     assert not any("layernorm" in n and "self_attn" in n for n in model.state_dict())
     expected = logits_of(model)
@@ -317,3 +318,59 @@ def test_demo_refines_harder_only_on_a_gpu():
         1600, 32, "stdlib-docs:train", 512, 512)  # fmt: skip
     assert conversion_options(1, "aligned", 0, gpu=True).refine_steps == 0  # --refine-steps 0 still skips it
     assert conversion_options(1, "mean", None, gpu=True).refine_steps == 0
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
+def test_calibration_fits_the_attention_transformers_computes(model_type, tmp_path, calibration_file, monkeypatch):
+    """The o_proj refit (and refinement, whose target is made of the same outputs) fits each source
+    layer's attention as plain transformers computes it on the calibration tokens: Gemma-2's
+    attention-logit soft-capping and query_pre_attn_scalar, each layer's window and RoPE base. A merge
+    of duplicated heads stays exact even when these targets are wrong, so this compares them directly."""
+    from transformers import AutoModelForCausalLM
+
+    from gqa.convert import calibration
+
+    fitted = []
+    real_refit = calibration.refit_output_projection
+
+    def recording_refit(source_heads, *args):
+        fitted.append(source_heads.clone())
+        return real_refit(source_heads, *args)
+
+    monkeypatch.setattr(calibration, "refit_output_projection", recording_refit)
+    model = build_family_model(model_type, kv=4, seed=21)
+    src = write_source(model, tmp_path / "src", calibration_file)
+    options = aligned_options(2, calibration_file)
+    convert(str(src), tmp_path / "out", options)
+
+    loaded = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    o_proj = family_for(model_type).o_proj.rsplit(".", 1)[0]
+    computed = []
+    for layer in range(loaded.config.num_hidden_layers):
+        module = loaded.get_submodule(ATTENTION_PREFIX.format(i=layer) + o_proj)
+        module.register_forward_pre_hook(lambda mod, args: computed.append(args[0]))
+    tokens = calibration.calibration_tokens(src, ENGLISH, options.calibration_sequences, options.calibration_length)
+    with torch.no_grad():
+        loaded(tokens)
+    assert len(fitted) == len(computed) == loaded.config.num_hidden_layers
+    for layer, (target, expected) in enumerate(zip(fitted, computed)):
+        torch.testing.assert_close(target, expected, atol=1e-6, rtol=0, msg=f"layer {layer}")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "gemma3_text"])
+def test_rotary_frequencies_are_each_layers_own(model_type):
+    """The rotary angles the key alignment weights pairs by are the ones each layer rotates with:
+    Gemma-3's sliding-window layers use the local base, its global layers the scaled global one."""
+    from gqa.convert.families import rotary_frequencies
+
+    model = build_family_model(model_type, kv=2)
+    geometry = geometry_of(model.config)
+    rotary = model.model.rotary_emb
+    for layer in range(geometry.layers):
+        layer_type = getattr(model.config, "layer_types", None)
+        own = getattr(rotary, f"{layer_type[layer]}_inv_freq", None) if layer_type else None
+        own = rotary.inv_freq if own is None else own
+        torch.testing.assert_close(rotary_frequencies(model.config, geometry, layer), own.double(), rtol=1e-6, atol=0)
+    if model_type == "gemma3_text":
+        local, full = (rotary_frequencies(model.config, geometry, layer) for layer in (0, 1))
+        assert not torch.allclose(local, full)

@@ -59,12 +59,15 @@ _sources: dict[tuple, Source] = {}
 
 
 def duplicated_source(root: Path, model_type: str, target: int, scattered: bool = False, tied: bool = False,
-                      dtype: str = "fp32", storage: str = "safetensors", **config) -> Source:  # fmt: skip
+                      dtype: str = "fp32", storage: str = "safetensors", config_file: dict | None = None,
+                      **config) -> Source:  # fmt: skip
     """An MHA-like checkpoint with SOURCE_KV KV heads that are copies of `target` distinct heads
     (consecutive copies, or scattered across the contiguous groups), with a character tokenizer so
     calibration can run. `storage` is safetensors, sharded, bin, or inv_freq (per-layer rotary
-    buffers stored the way older transformers saved them). Built once per combination."""
-    key = (model_type, target, scattered, tied, dtype, storage, json.dumps(config, sort_keys=True))
+    buffers stored the way older transformers saved them); `config_file` sets fields of the saved
+    config.json (None removes one), to write a config the way hub checkpoints do. Built once per
+    combination."""
+    key = (model_type, target, scattered, tied, dtype, storage, json.dumps([config_file, config], sort_keys=True))
     if key in _sources:
         return _sources[key]
     base = build_family_model(model_type, kv=target, seed=len(_sources), tied=tied, **config)
@@ -90,6 +93,11 @@ def duplicated_source(root: Path, model_type: str, target: int, scattered: bool 
             stored[ATTENTION_PREFIX.format(i=layer) + "rotary_emb.inv_freq"] = inv_freq.clone()
         (path / "model.safetensors").unlink()
         save_file(stored, path / "model.safetensors", metadata={"format": "pt"})
+    if config_file:
+        written = {**json.loads((path / "config.json").read_text()), **config_file}
+        written = {k: v for k, v in written.items() if v is not None}
+        (path / "config.json").write_text(json.dumps(written, indent=2))
+        assert torch.equal(logits_of(path), logits_of(base)), "the rewritten config.json changes the model"
     save_char_tokenizer(path)
     base = base.to(DTYPES[dtype]).float()  # the source's function at the precision it is stored in
     _sources[key] = Source(path, logits_of(base), DTYPES[dtype])
@@ -183,6 +191,14 @@ VARIANTS = {
     "stablelm-stored-inv-freq": ("stablelm", dict(storage="inv_freq")),
     "mistral-bin": ("mistral", dict(storage="bin")),
     "qwen2-sharded": ("qwen2", dict(storage="sharded")),
+    # Gemma-2 and Gemma-3: the tiny configs soft-cap and slide a 4-token window; these vary that.
+    "gemma2-without-softcapping": ("gemma2", dict(attn_logit_softcapping=None, final_logit_softcapping=None)),
+    "gemma2-window-longer-than-the-sequences": ("gemma2", dict(sliding_window=64)),
+    "gemma3_text-final-softcapping": ("gemma3_text", dict(final_logit_softcapping=0.5)),
+    "gemma3_text-hub-rope-fields": ("gemma3_text", dict(config_file={  # how Gemma-3's hub config.json says it
+        "rope_parameters": None, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+        "rope_scaling": {"rope_type": "linear", "factor": 8.0}})),  # fmt: skip
+    **{f"{f}-tied-embeddings": (f, dict(tied=True)) for f in ("gemma2", "gemma3_text")},
 }
 VARIANT_CELLS = [(v, m, t) for v in VARIANTS for m in ("mean", "aligned+refine") for t in TARGETS]
 FAST_VARIANTS = {(v, "aligned+refine", "one") for v in VARIANTS}

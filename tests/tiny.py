@@ -56,6 +56,16 @@ def family_config(model_type: str, kv: int, **overrides):
         "olmo2": (tf.Olmo2Config, dict(pad_token_id=0)),
         "qwen3": (tf.Qwen3Config, dict(head_dim=16)),
         "phi": (tf.PhiConfig, dict(qk_layernorm=True, rope_parameters=partial)),
+        # Gemma-2 and Gemma-3: a sliding-window layer then a global one, the window shorter than the
+        # tests' sequences; query_pre_attn_scalar is not head_dim; the soft-caps are small enough to
+        # bend the tiny model's logits; Gemma-3's global layers use their own, scaled, RoPE.
+        "gemma2": (tf.Gemma2Config, dict(head_dim=16, query_pre_attn_scalar=4, sliding_window=4,
+                                         attn_logit_softcapping=0.1, final_logit_softcapping=0.5)),  # fmt: skip
+        "gemma3_text": (tf.Gemma3TextConfig, dict(
+            head_dim=16, query_pre_attn_scalar=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                             "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}},
+        )),  # fmt: skip
     }
     if model_type not in factories:
         raise KeyError(f"tests/tiny.py has no tiny config for the supported family '{model_type}': add one")
