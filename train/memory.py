@@ -41,7 +41,7 @@ from gqa.convert.families import LAYER_PREFIX
 from gqa.convert.modeldir import DTYPES, config_dtype
 from gqa.train.params import apply_lora, trainable_names, weights_dtype
 from gqa.train.plan import plan_training
-from gqa.train.recipe import Recipe
+from gqa.train.recipe import Recipe, model_directory
 
 logger = logging.getLogger(__name__)
 
@@ -296,10 +296,9 @@ def _profile_key(recipe: Recipe) -> tuple:
 def _read_config(path: str, key: str):
     from transformers import AutoConfig
 
-    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
-        raise GQAError(f"{key}: {path} holds no config.json; the memory plan reads the model's size from it")
+    directory = model_directory(key, path)  # on disk, or refused at once: never a hub lookup
     try:
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(directory)
     except (OSError, ValueError) as err:
         raise GQAError(f"{key}: cannot read the config of {path}: {err}") from None
 

@@ -285,6 +285,25 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return recipe_from_dict(apply_overrides(raw, overrides or []), source=str(path))
 
 
+def model_directory(key: str, path: str) -> Path:
+    """The checkpoint directory a recipe's model key (model.path, model.teacher) names, checked. gqa train and
+    --plan read both from disk and never download them, so whatever the spelling (runs/x, ./x, /x, owner/name),
+    a path that is not a directory holding a config.json is refused here, before anything asks the hub."""
+    directory = Path(path)
+    if not directory.is_dir():
+        if key == "model.path":
+            raise GQAError(
+                f"model.path: {path} is not a directory; gqa train reads the converted checkpoint from disk and never "
+                f"downloads it: write it first with `gqa convert SOURCE {path} --kv-heads G`, or plan before "
+                "converting with `gqa train RECIPE --plan --source SOURCE --kv-heads G`"
+            )
+        raise GQAError(f"{key}: {path} is not a directory; point it at a checkpoint directory on disk "
+                       "(gqa train never downloads one)")
+    if not (directory / "config.json").is_file():
+        raise GQAError(f"{key}: {path} holds no config.json; point it at a transformers checkpoint directory")
+    return directory
+
+
 def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(raw)
