@@ -33,7 +33,7 @@ class ModelSection(_Section):
 
 
 class DataSection(_Section):
-    train: str | list[str]  # files (.txt, .jsonl, .json, .parquet), a folder of them, a `datasets` dir, a hub id, or stdlib-docs:train
+    train: str | list[str]  # files (.txt, .jsonl, .json, .parquet), glob patterns of them, a folder of them, a `datasets` dir, a hub id, or stdlib-docs:train
     eval: str | list[str] | None = None  # same kinds; None: hold out eval_fraction of the train documents
     eval_fraction: float = Field(0.05, gt=0, lt=1)
     text_field: str = "text"
