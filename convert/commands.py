@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 import typing
-from pathlib import Path
 
-from gqa.convert.convert import convert, load_config
+from gqa.convert.convert import convert, read_source_config
 from gqa.convert.options import ConvertOptions, flag_of
-from gqa.convert.modeldir import resolve_source
 from gqa.convert.families import family_for, geometry_of
 from gqa.convert.kvcache import human_bytes, kv_cache_bytes_per_token
 
@@ -89,12 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    scratch = Path(tempfile.mkdtemp(prefix="gqa-inspect-"))
-    try:
-        src = resolve_source(args.source, scratch, config_only=True)
-        _, config = load_config(src.path)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    src, config = read_source_config(args.source)
     family = family_for(config.model_type)
     g = geometry_of(config)
     print(f"{src.id}")

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
-from transformers import AutoConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from gqa.convert import __version__
 from gqa.convert.card import write_model_card
@@ -120,6 +121,27 @@ def _move_into_place(staged: Path, out: Path, work: Path) -> None:
         old = work / "replaced"
         os.rename(out, old)
     os.rename(staged, out)
+
+
+def read_source_config(source: str) -> tuple[Source, PretrainedConfig]:
+    """A source's config alone (a local dir's config.json, a .gguf file's metadata, or a hub id's config.json,
+    fetched alone), its family checked as a conversion checks it; no weights are read."""
+    scratch = Path(tempfile.mkdtemp(prefix="gqa-config-"))
+    try:
+        src = resolve_source(source, scratch, config_only=True)
+        _, config = load_config(src.path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return src, config
+
+
+def converted_config(config: PretrainedConfig, kv_heads: int, allow_same: bool = False) -> PretrainedConfig:
+    """The config of the model a conversion to `kv_heads` KV heads makes of a model with `config`; a G that
+    merging cannot reach is refused (check_target)."""
+    check_target(geometry_of(config), kv_heads, allow_same=allow_same)
+    out = copy.deepcopy(config)
+    out.num_key_value_heads = kv_heads
+    return out
 
 
 def load_config(model_dir: Path):
@@ -253,14 +275,12 @@ def _convert_into(src: Source, staged: Path, options: ConvertOptions) -> Convers
     """Check the source, plan the output, merge and stream every tensor, then the side files."""
     raw_config, config = load_config(src.path)
     family, geometry = family_for(config.model_type), geometry_of(config)
-    check_target(geometry, options.kv_heads, allow_same=options.allow_same)
+    out_config = converted_config(config, options.kv_heads, allow_same=options.allow_same)
     index = CheckpointIndex(src.path)
     source_tensors = meta_tensors(config)
     dropped = _check_tensors(index, source_tensors.shapes, source_tensors.tied)
     if dropped:
         log.warning("leaving out %d tensors the model does not define: %s", len(dropped), dropped[:5])
-    out_config = copy.deepcopy(config)
-    out_config.num_key_value_heads = options.kv_heads
     cast = DTYPES[options.dtype]
     plan = build_plan(index, source_tensors.shapes, meta_tensors(out_config).shapes, cast)
 

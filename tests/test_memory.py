@@ -160,6 +160,111 @@ def test_changes_are_tried_cheapest_first(model):
     assert advice(one, 10**6, *lone) == "nothing"
 
 
+# --- before converting ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """A tiny MHA Llama (8 KV heads) and what `gqa convert --kv-heads 2` (mean) makes of it."""
+    from gqa.convert.convert import convert
+    from gqa.convert.options import ConvertOptions
+    from tiny import save_tiny_llama
+
+    root = tmp_path_factory.mktemp("source")
+    save_tiny_llama(root / "mha")
+    convert(str(root / "mha"), root / "gqa2", ConvertOptions(kv_heads=2))
+    return root / "mha"
+
+
+PLAN = ["--plan", "--gpu-memory", "24GB", "--launch", "fsdp", "--processes", "2"]
+
+
+def test_a_plan_from_the_source_is_the_plan_of_the_converted_model(source, tmp_path, capsys):
+    from gqa.convert.convert import converted_config, read_source_config
+
+    converted, unwritten = source.parent / "gqa2", tmp_path / "runs" / "gqa2"
+    for settings in ([], ["train.params=lora", "precision=bf16", "batch.micro=4", "batch.global_sequences=16"]):
+        assert gqa(["train", "tiny-cpu", f"model.path={converted}", *settings, *PLAN]) == 0
+        after = capsys.readouterr().out
+        assert gqa(["train", "tiny-cpu", f"model.path={unwritten}", *settings, *PLAN, "--source", str(source),
+                    "--kv-heads", "2"]) == 0
+        before = capsys.readouterr().out
+        model_row = re.search(r"\n  model +.*converted to 2 KV heads \(from 8\).*nothing converted.*\n", before)
+        assert model_row, before
+        assert before.replace(model_row.group(0), "\n") == after  # every count and byte figure, row by row
+        assert gqa(["train", "tiny-cpu", f"model.path={source}", *settings, *PLAN]) == 0
+        assert capsys.readouterr().out != after  # the source itself has more parameters: the conversion counts
+    assert not unwritten.parent.exists()
+    # The library's estimate of the source's converted config equals the converted model's, field by field.
+    _, config = read_source_config(str(source))
+    planned = recipe(unwritten, "precision=bf16")
+    assert estimate_memory(planned, Launch("zero3", 2), config=converted_config(config, 2)) == \
+        estimate_memory(recipe(converted, "precision=bf16"), Launch("zero3", 2))
+
+
+def error_of(argv: list[str], capsys) -> str:
+    """The message a failing command prints after `error: `."""
+    assert gqa(argv) == 2
+    return capsys.readouterr().err.split("error: ", 1)[1].strip()
+
+
+@pytest.mark.parametrize("kv_heads", ["3", "8", "0"])
+def test_a_kv_head_count_the_converter_refuses_is_refused_with_its_message(source, tmp_path, kv_heads, capsys):
+    refused = error_of(["convert", str(source), str(tmp_path / "out"), "--kv-heads", kv_heads], capsys)
+    assert "--kv-heads" in refused
+    assert error_of(["train", "tiny-cpu", f"model.path={tmp_path / 'gqa'}", "--plan", "--source", str(source),
+                     "--kv-heads", kv_heads], capsys) == refused
+    assert not (tmp_path / "out").exists()
+
+
+def test_source_and_kv_heads_belong_to_plan_and_go_together(source, capsys):
+    assert "--source, --kv-heads are options of --plan" in error_of(
+        ["train", "tiny-cpu", "--source", str(source), "--kv-heads", "2"], capsys)
+    assert "--source needs --kv-heads G" in error_of(["train", "tiny-cpu", "--plan", "--source", str(source)], capsys)
+    assert "--kv-heads needs --source" in error_of(["train", "tiny-cpu", "--plan", "--kv-heads", "2"], capsys)
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Every way transformers and huggingface_hub download a file, recorded and failing (transformers turns a
+    failed download into its own OSError, so the test asserts on the record); the test fails on any call."""
+    import huggingface_hub
+    import transformers.utils.hub
+
+    calls = []
+
+    def download(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError(f"a hub download was attempted: {args}")
+
+    for module in (huggingface_hub, huggingface_hub.file_download, transformers.utils.hub):
+        for name in ("hf_hub_download", "snapshot_download"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, download)
+    monkeypatch.setattr(huggingface_hub.HfApi, "snapshot_download", download)
+    monkeypatch.setattr(huggingface_hub.HfApi, "hf_hub_download", download)
+    yield
+    assert not calls, f"the hub was asked for {calls}"
+
+
+@pytest.mark.parametrize("spelling", ["runs/never-written", "./never-written", "absolute"])
+@pytest.mark.parametrize("plan", [True, False], ids=["plan", "train"])
+def test_a_model_path_not_on_disk_is_refused_at_once_without_asking_the_hub(spelling, plan, tmp_path, monkeypatch,
+                                                                           no_hub, capsys):
+    monkeypatch.chdir(tmp_path)
+    path = str(tmp_path / "never-written") if spelling == "absolute" else spelling
+    message = error_of(["train", "tiny-cpu", f"model.path={path}", f"output.dir={tmp_path / 'out'}",
+                        *(["--plan"] if plan else [])], capsys)
+    assert message.startswith(f"model.path: {path} is not a directory")
+    assert f"`gqa convert SOURCE {path} --kv-heads G`" in message and "--plan --source SOURCE --kv-heads G" in message
+
+
+def test_a_teacher_not_on_disk_is_refused_by_the_plan_without_asking_the_hub(model, tmp_path, no_hub, capsys):
+    message = error_of(["train", "tiny-cpu", f"model.path={model}", "loss.kind=distill", "model.teacher=owner/teacher",
+                        "--plan"], capsys)
+    assert message.startswith("model.teacher: owner/teacher is not a directory")
+
+
 # --- sharding ------------------------------------------------------------------------------------
 
 

@@ -74,6 +74,71 @@ def test_jsonl_parquet_and_saved_datasets_give_the_same_blocks_as_text(ws, tmp_p
         assert got.train["input_ids"] == expected, source.name
 
 
+def write_parts(folder, paragraphs) -> list:
+    """The documents split over five files, three jsonl and two parquet, two of them one folder down."""
+    names = ["a.jsonl", "b.jsonl", "more/c.jsonl", "d.parquet", "more/e.parquet"]
+    files = [folder / name for name in names]
+    (folder / "more").mkdir(parents=True)
+    for i, file in enumerate(files):
+        part = paragraphs[i::len(files)]
+        if file.suffix == ".jsonl":
+            file.write_text("".join(json.dumps({"text": p}) + "\n" for p in part))
+        else:
+            datasets.Dataset.from_dict({"text": part}).to_parquet(str(file))
+    return files
+
+
+def test_a_glob_is_the_files_it_matches_sorted_as_if_listed(ws, tmp_path, monkeypatch):
+    root, model, tokenizer, paragraphs, text = ws
+    parts = tmp_path / "parts"
+    files = write_parts(parts, paragraphs)
+    jsonl, parquet = [str(f) for f in files if f.suffix == ".jsonl"], [str(f) for f in files if f.suffix == ".parquet"]
+
+    def prepared(train, eval_=None, cache="cache"):
+        data = DataSection(train=train, eval=eval_, cache_dir=str(tmp_path / cache), block_size=32, eval_fraction=0.1)
+        return prepare_data(data, tokenizer, model, seed=0)
+
+    listed = prepared(jsonl + parquet)
+    globbed = prepared([f"{parts}/**/*.jsonl", f"{parts}/**/*.parquet"], cache="other")
+    assert len(listed.train) > 20 and globbed.train["input_ids"] == listed.train["input_ids"]
+    assert globbed.eval["input_ids"] == listed.eval["input_ids"]
+    assert prepared(jsonl[::-1] + parquet, cache="reversed").train["input_ids"] != listed.train["input_ids"]  # order counts
+    # data.eval too, and relative to the current directory; one pattern may match files of several kinds
+    held = prepared(str(text), jsonl[:2], cache="held")
+    monkeypatch.chdir(tmp_path)
+    assert prepared(str(text), "parts/*.jsonl", cache="held").eval["input_ids"] == held.eval["input_ids"]
+    assert prepared(str(text), "parts/**/*.*", cache="held").stats["eval_documents"] == len(paragraphs)
+
+
+def test_a_globs_cache_entry_follows_the_files_it_matches(ws, tmp_path):
+    root, model, tokenizer, paragraphs, text = ws
+    parts = tmp_path / "parts"
+    files = write_parts(parts, paragraphs)
+    section = DataSection(train=f"{parts}/**/*.jsonl", cache_dir=str(tmp_path / "cache"), block_size=32, eval_fraction=0.1)
+    first = prepare_data(section, tokenizer, model, seed=0).stats["cache_dir"]
+    assert prepare_data(section, tokenizer, model, seed=0).stats["cache_dir"] == first
+    (parts / "more" / "f.jsonl").write_text(json.dumps({"text": paragraphs[0]}) + "\n")  # one more match
+    added = prepare_data(section, tokenizer, model, seed=0).stats["cache_dir"]
+    files[1].write_text(files[1].read_text() + json.dumps({"text": paragraphs[1]}) + "\n")  # a match changes
+    changed = prepare_data(section, tokenizer, model, seed=0)
+    assert len({first, added, changed.stats["cache_dir"]}) == 3
+    lines = sum(len(f.read_text().splitlines()) for f in parts.rglob("*.jsonl"))
+    assert changed.stats["train_documents"] + changed.stats["eval_documents"] == lines  # built from all of them
+
+
+def test_a_glob_matching_no_file_is_an_error_naming_it(ws, tmp_path):
+    root, model, tokenizer, paragraphs, text = ws
+    (tmp_path / "empty" / "folder.jsonl").mkdir(parents=True)  # a folder the pattern matches is no file
+    for key, values in (("data.train", {"train": f"{tmp_path}/empty/*.jsonl"}),
+                        ("data.eval", {"train": str(text), "eval": [str(text), f"{tmp_path}/shards-*.parquet"]})):
+        with pytest.raises(GQAError, match=rf"{key}: the pattern {tmp_path}/\S+ matches no file"):
+            prepare_data(DataSection(cache_dir=str(tmp_path / "c"), block_size=32, **values), tokenizer, model, seed=0)
+    (tmp_path / "empty" / "notes.docx").write_text("x")
+    with pytest.raises(GQAError, match=r"data\.train: cannot read .*notes\.docx \(suffix \.docx\), which .*empty/\* matches"):
+        prepare_data(DataSection(train=f"{tmp_path}/empty/*", cache_dir=str(tmp_path / "c"), block_size=32),
+                     tokenizer, model, seed=0)
+
+
 def test_source_errors_name_the_key(ws, tmp_path):
     root, model, tokenizer, paragraphs, text = ws
     with pytest.raises(GQAError, match=r"data\.text_field='content' is not a column .*columns: text"):

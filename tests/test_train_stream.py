@@ -140,6 +140,19 @@ def test_each_process_keeps_every_nth_block_of_one_stream(ws, processes, caplog)
     assert other_seed != one and sorted(other_seed[:576]) == sorted(one[:576])  # 576: whole runs of 8 blocks of each file
 
 
+def test_a_streamed_glob_is_its_files_each_a_stream_shared_among_processes_like_a_folder(ws):
+    def shares(train: str) -> list:
+        return [prepare_data(section(ws, train=train, eval_blocks=8, shuffle_buffer=32), ws.tokenizer, ws.model, seed=3,
+                             process_index=i, num_processes=2) for i in range(2)]  # fmt: skip
+
+    folder, globbed = shares(str(ws.shards)), shares(str(ws.shards / "train-*.parquet"))
+    assert [share.stats["stream_files"] for share in globbed] == [4, 4]
+    assert [share.train.files for share in globbed] == [[0, 2], [1, 3]] == [share.train.files for share in folder]
+    assert [share.train.names for share in globbed][0] == [str(f) for f in ws.files]  # sorted by path
+    assert [rows(share.train, 150) for share in globbed] == [rows(share.train, 150) for share in folder]
+    assert globbed[0].eval["input_ids"] == folder[0].eval["input_ids"]  # the stream's first blocks, held out
+
+
 @pytest.mark.parametrize(("files", "processes"), [(4, 2), (6, 3), (4, 3), (6, 4), (1, 2)])
 def test_process_i_of_n_yields_blocks_i_i_plus_n_of_the_files_taken_in_turn(files, processes):
     """Global block k is block k div S of file k mod S. Process i of N yields global blocks i, i+N, ... and reads

@@ -53,6 +53,17 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "train") -> None:
         help="with --plan: processes (GPUs) in all, all machines together (default: from --launch or the launcher)",
     )
     memory.add_argument(
+        "--source", metavar="ID_OR_DIR",
+        help="with --plan and --kv-heads: plan before converting, from the source checkpoint's config alone (a model "
+             "directory, a .gguf file or a hub id, as `gqa convert` takes it) converted to --kv-heads, instead of "
+             "model.path's; only the config is read (a hub id's config.json alone is downloaded)",
+    )
+    memory.add_argument(
+        "--kv-heads", type=int, metavar="G",
+        help="with --plan --source: the KV heads the conversion keeps (as `gqa convert --kv-heads`; it must divide "
+             "the source's KV heads and be fewer)",
+    )
+    memory.add_argument(
         "--skip-memory-check", action="store_true",
         help="train even when the estimate exceeds the GPU's memory (the estimate may be wrong for your setup)",
     )
@@ -94,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
         return run_recipes(args)
     if getattr(args, "plan", False):
         return run_plan(args)
-    plan_only = {"--launch": "launch", "--processes": "processes", "--gpu-memory": "gpu_memory"}
+    plan_only = {"--launch": "launch", "--processes": "processes", "--gpu-memory": "gpu_memory", "--source": "source",
+                 "--kv-heads": "kv_heads"}
     given = [flag for flag, key in plan_only.items() if getattr(args, key, None) is not None]
     if given:
         options = f"{given[0]} is an option" if len(given) == 1 else f"{', '.join(given)} are options"
@@ -117,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    """`gqa train RECIPE --plan`: what the run would do and hold per process; nothing is read or trained."""
+    """`gqa train RECIPE --plan`: what the run would do and hold per process; nothing is read or trained but the
+    model's config (model.path's, or with --source the config a conversion of the source would write)."""
     from dataclasses import replace
 
     from gqa.train.memory import device_memory, parse_size, plan_memory, resolve_launch
@@ -125,6 +138,19 @@ def run_plan(args: argparse.Namespace) -> int:
     from gqa.train.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    config, converted = None, ""
+    if (args.source is None) != (args.kv_heads is None):
+        given, missing = ("--source", "--kv-heads G") if args.kv_heads is None else ("--kv-heads", "--source ID_OR_DIR")
+        raise GQAError(f"{given} needs {missing}: --plan --source SOURCE --kv-heads G plans the conversion of SOURCE "
+                       "to G KV heads, before converting")
+    if args.source is not None:
+        from gqa.convert.convert import converted_config, read_source_config
+        from gqa.convert.families import geometry_of
+
+        src, source_config = read_source_config(args.source)
+        config = converted_config(source_config, args.kv_heads)  # refused as `gqa convert` refuses it
+        converted = (f"  {'model':<13} {src.id} converted to {args.kv_heads} KV heads (from "
+                     f"{geometry_of(source_config).kv_heads}): its config alone, nothing converted (--source)")
     launch = resolve_launch(args.launch, args.processes)
     plan = plan_training(recipe, launch.processes)
     if args.gpu_memory is not None:
@@ -133,9 +159,11 @@ def run_plan(args: argparse.Namespace) -> int:
         capacity, source = device_memory(), "this machine's CUDA device"
     # A GPU when one is named or here, or the launch spreads over GPUs; else the host memory of a CPU run.
     device = "cuda" if capacity is not None or launch.kind != "one" else "cpu"
-    memory = plan_memory(recipe, launch, plan.accumulation, device, capacity, source)
+    memory = plan_memory(recipe, launch, plan.accumulation, device, capacity, source, config=config)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"plan of {args.recipe} (--plan: nothing is trained):")
+        if converted:
+            print(converted)
         print(replace(plan, memory=memory).describe())
         if device == "cpu":
             print("  (the host memory of a run on the CPU; --gpu-memory SIZE plans for a GPU)")

@@ -4,7 +4,8 @@ Prepared (the default): the whole of data.train is tokenised and packed before s
 process of each machine while the others wait, and cached. The cache key covers everything that
 changes the blocks (the tokenizer files, each source's path/size/mtime or hub id and revision, text
 field, block size, packing, the eval split), so a second run with the same data loads memory-mapped
-blocks at once and any change rebuilds them.
+blocks at once and any change rebuilds them. A glob pattern (shards/*.parquet) is the files it matches,
+sorted by path, as if they were listed: they, their sizes and mtimes are in the key.
 
 Streamed (data.streaming): data.train is read as datasets IterableDatasets and tokenised and packed on
 the fly, with the same code, so nothing before step 1 grows with the corpus. The stream is made of S
@@ -42,6 +43,7 @@ one reads ahead in threads and, in datasets 5.2, does not always restore a saved
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -160,11 +162,9 @@ def resolve_sources(spec: str | list[str], key: str, split: str, cache_root: Pat
             else:  # a folder of data files (shards); datasets reads its split from the file names
                 sources.append(Source("folder", str(path.resolve()), split, _folder_builder(path, key)))
         elif path.is_file():
-            builder = FILE_BUILDERS.get(path.suffix.lower())
-            if builder is None:
-                known = ", ".join(sorted(FILE_BUILDERS))
-                raise GQAError(f"{key}: cannot read {path} (suffix {path.suffix or 'none'}); use one of {known}")
-            sources.append(Source(builder, str(path.resolve()), split))
+            sources.append(_file_source(path, key, split))
+        elif glob.has_magic(entry):  # shards/*.parquet, data/**/*.jsonl: each matching file, as if listed
+            sources.extend(_file_source(file, key, split, entry) for file in matching_files(entry, key))
         elif path.suffix.lower() in FILE_BUILDERS or entry.startswith((".", "/", "~")):  # meant as a file
             raise GQAError(f"{key}: {entry} does not exist; check the path (relative paths start from {Path.cwd()})")
         else:  # e.g. HuggingFaceFW/fineweb-edu, or HuggingFaceFW/fineweb-edu@<commit> to pin a revision
@@ -173,6 +173,27 @@ def resolve_sources(spec: str | list[str], key: str, split: str, cache_root: Pat
                 raise GQAError(f"{key}: {entry!r} is not a hub dataset id; write ID or ID@REVISION (a branch, tag or commit)")
             sources.append(Source("hub", name, split, revision=revision or None))
     return sources
+
+
+def matching_files(pattern: str, key: str) -> list[Path]:
+    """The files a glob pattern matches, sorted by path: `*`, `?` and `[...]` within a name, `**` across any depth
+    of folders (as datasets reads them), neither matching names that start with a dot. A pattern matching no
+    file is an error naming it."""
+    matches = sorted(set(glob.glob(os.path.expanduser(pattern), recursive=True)))
+    files = [Path(match) for match in matches if Path(match).is_file()]
+    if not files:
+        raise GQAError(f"{key}: the pattern {pattern} matches no file; check it (relative patterns start from {Path.cwd()})")
+    return files
+
+
+def _file_source(path: Path, key: str, split: str, pattern: str | None = None) -> Source:
+    """A data file as a source, read by the datasets builder its suffix names; `pattern`: the glob that matched it."""
+    builder = FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        known = ", ".join(sorted(FILE_BUILDERS))
+        matched = f", which {pattern} matches" if pattern else ""
+        raise GQAError(f"{key}: cannot read {path} (suffix {path.suffix or 'none'}){matched}; use one of {known}")
+    return Source(builder, str(path.resolve()), split)
 
 
 def _folder_builder(path: Path, key: str) -> str:

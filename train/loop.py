@@ -45,7 +45,7 @@ from gqa.train.losses import IGNORE_INDEX, distillation_loss
 from gqa.train.memory import check_run
 from gqa.train.params import apply_lora, lora_record, merge_lora, select_trainable, weights_dtype
 from gqa.train.plan import TrainingPlan, plan_training
-from gqa.train.recipe import Recipe, flat_items
+from gqa.train.recipe import Recipe, flat_items, model_directory
 from gqa.train.tasks import TaskSettings, headline_metrics, run_tasks, task_manager
 
 logger = logging.getLogger(__name__)
@@ -663,12 +663,8 @@ def _read_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def _check_paths(recipe: Recipe) -> None:
     """Fail on missing inputs before any process group, data or model work starts."""
     for key, path in (("model.path", recipe.model.path), ("model.teacher", recipe.model.teacher)):
-        if path is None:
-            continue
-        if not Path(path).is_dir():
-            raise GQAError(f"{key}: {path} is not a directory; point it at a checkpoint dir (e.g. what `gqa convert` wrote)")
-        if not (Path(path) / "config.json").is_file():
-            raise GQAError(f"{key}: {path} holds no config.json; point it at a transformers checkpoint directory")
+        if path is not None:
+            model_directory(key, path)
     if recipe.eval.baseline is not None:
         _check_baseline(recipe.eval.baseline)
     context = getattr(AutoConfig.from_pretrained(recipe.model.path), "max_position_embeddings", None)

@@ -41,7 +41,7 @@ from gqa.convert.families import LAYER_PREFIX
 from gqa.convert.modeldir import DTYPES, config_dtype
 from gqa.train.params import apply_lora, trainable_names, weights_dtype
 from gqa.train.plan import plan_training
-from gqa.train.recipe import Recipe
+from gqa.train.recipe import Recipe, model_directory
 
 logger = logging.getLogger(__name__)
 
@@ -261,13 +261,14 @@ class _Profile:
 _PROFILES: dict[tuple, _Profile] = {}  # measured steps of this process, by _profile_key
 
 
-def _profile(recipe: Recipe) -> _Profile:
-    """The measured step of a recipe; remembered, since the suggestions measure the same step again."""
-    key = _profile_key(recipe)
+def _profile(recipe: Recipe, config=None) -> _Profile:
+    """The measured step of a recipe (of the model `config` describes, when given, instead of model.path's);
+    remembered, since the suggestions measure the same step again."""
+    key = _profile_key(recipe, config)
     if key not in _PROFILES:
         if len(_PROFILES) >= 64:
             _PROFILES.clear()
-        _PROFILES[key] = _measure(recipe)
+        _PROFILES[key] = _measure(recipe, config)
     return _PROFILES[key]
 
 
@@ -275,8 +276,8 @@ def _distilling(recipe: Recipe) -> bool:
     return recipe.loss.kind == "distill" and recipe.loss.distill_weight > 0
 
 
-def _profile_key(recipe: Recipe) -> tuple:
-    """Everything the measured step depends on, the config files included."""
+def _profile_key(recipe: Recipe, config=None) -> tuple:
+    """Everything the measured step depends on, the config files (or the config given) included."""
 
     def config_stamp(path: str | None):
         if path is None:
@@ -286,7 +287,8 @@ def _profile_key(recipe: Recipe) -> tuple:
 
     distill = _distilling(recipe)
     return (
-        config_stamp(recipe.model.path), config_stamp(recipe.model.teacher) if distill else None,
+        config_stamp(recipe.model.path) if config is None else config.to_json_string(),
+        config_stamp(recipe.model.teacher) if distill else None,
         recipe.train.model_dump_json() if recipe.train.params == "lora" else recipe.train.params,
         recipe.train.gradient_checkpointing, recipe.precision, recipe.batch.micro, recipe.data.block_size,
         (recipe.loss.temperature, recipe.loss.distill_weight) if distill else None,
@@ -296,10 +298,9 @@ def _profile_key(recipe: Recipe) -> tuple:
 def _read_config(path: str, key: str):
     from transformers import AutoConfig
 
-    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
-        raise GQAError(f"{key}: {path} holds no config.json; the memory plan reads the model's size from it")
+    directory = model_directory(key, path)  # on disk, or refused at once: never a hub lookup
     try:
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(directory)
     except (OSError, ValueError) as err:
         raise GQAError(f"{key}: cannot read the config of {path}: {err}") from None
 
@@ -332,13 +333,15 @@ def build_model(config, recipe) -> torch.nn.Module:
         return set_trainable(model, recipe)
 
 
-def _measure(recipe: Recipe) -> _Profile:
-    """Build the model (and teacher) on the meta device, count its parameters, then run one micro batch's
-    forward, loss and backward on fake tensors while _Tracker counts what is allocated and freed."""
+def _measure(recipe: Recipe, config=None) -> _Profile:
+    """Build the model (model.path's, or `config`'s when given) and teacher on the meta device, count its
+    parameters, then run one micro batch's forward, loss and backward on fake tensors while _Tracker counts
+    what is allocated and freed."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoModelForCausalLM
 
-    config = _read_config(recipe.model.path, "model.path")
+    if config is None:
+        config = _read_config(recipe.model.path, "model.path")
     dtype = DTYPES[recipe.precision]
     model = build_model(config, recipe).train()
     teacher = None
@@ -647,17 +650,21 @@ class MemoryEstimate:
 
 def estimate_memory(
     recipe: Recipe, launch: Launch, accumulation: int | None = None, device: str = "cuda", compare: bool = True,
+    config=None,
 ) -> MemoryEstimate:
     """The bytes each process holds while training `recipe` under `launch` (see the module docstring).
 
     accumulation: micro batches per optimizer step (the plan's); None derives it from the recipe.
     device: "cuda" adds the CUDA reserve and AdamW's multi-tensor scratch; "cpu" estimates host memory.
     compare: also measure the activations with gradient checkpointing switched the other way.
+    config: the model's config (a transformers config), instead of model.path's config.json: `gqa train --plan
+    --source` plans on the config a conversion would write, before converting.
     """
     if accumulation is None:
         accumulation = plan_training(recipe, launch.processes).accumulation
-    profile = _profile(recipe)
-    other = _profile(_with(recipe, "train", gradient_checkpointing=not recipe.train.gradient_checkpointing)) if compare else None
+    profile = _profile(recipe, config)
+    other = (_profile(_with(recipe, "train", gradient_checkpointing=not recipe.train.gradient_checkpointing), config)
+             if compare else None)
     p, kind = launch.processes, launch.kind
     mixed = recipe.precision != "fp32"
     compute_bytes = 2 if mixed else 4
@@ -770,11 +777,12 @@ class MemoryPlan:
 
 def plan_memory(
     recipe: Recipe, launch: Launch, accumulation: int | None = None, device: str = "cuda",
-    capacity: int | None = None, capacity_source: str = "", compare: bool = True,
+    capacity: int | None = None, capacity_source: str = "", compare: bool = True, config=None,
 ) -> MemoryPlan:
     """The estimate of `recipe` under `launch`, held against `capacity` bytes of GPU memory; when it does
-    not fit, the first change in the order of `_changes` that does, each estimated the same way."""
-    estimate = estimate_memory(recipe, launch, accumulation, device, compare)
+    not fit, the first change in the order of `_changes` that does, each estimated the same way. config: as
+    estimate_memory takes it."""
+    estimate = estimate_memory(recipe, launch, accumulation, device, compare, config)
     plan = MemoryPlan(estimate, capacity, capacity_source)
     if plan.fits is not False:
         return plan
@@ -786,7 +794,7 @@ def plan_memory(
                 accumulation = plan_training(new_recipe, new_launch.processes).accumulation
             except GQAError:  # the global batch does not split that way
                 continue
-            candidate = estimate_memory(new_recipe, new_launch, accumulation, device, compare=False)
+            candidate = estimate_memory(new_recipe, new_launch, accumulation, device, compare=False, config=config)
             if candidate.total <= capacity:
                 return replace(plan, suggestion=Suggestion(change, cost, candidate))
     return replace(plan, tried=tuple(dict.fromkeys(tried)))

@@ -33,7 +33,7 @@ class ModelSection(_Section):
 
 
 class DataSection(_Section):
-    train: str | list[str]  # files (.txt, .jsonl, .json, .parquet), a folder of them, a `datasets` dir, a hub id, or stdlib-docs:train
+    train: str | list[str]  # files (.txt, .jsonl, .json, .parquet), glob patterns of them, a folder of them, a `datasets` dir, a hub id, or stdlib-docs:train
     eval: str | list[str] | None = None  # same kinds; None: hold out eval_fraction of the train documents
     eval_fraction: float = Field(0.05, gt=0, lt=1)
     text_field: str = "text"
@@ -283,6 +283,25 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not isinstance(raw, dict):
         raise GQAError(f"recipe {path} must be a YAML mapping of sections (model:, data:, ...)")
     return recipe_from_dict(apply_overrides(raw, overrides or []), source=str(path))
+
+
+def model_directory(key: str, path: str) -> Path:
+    """The checkpoint directory a recipe's model key (model.path, model.teacher) names, checked. gqa train and
+    --plan read both from disk and never download them, so whatever the spelling (runs/x, ./x, /x, owner/name),
+    a path that is not a directory holding a config.json is refused here, before anything asks the hub."""
+    directory = Path(path)
+    if not directory.is_dir():
+        if key == "model.path":
+            raise GQAError(
+                f"model.path: {path} is not a directory; gqa train reads the converted checkpoint from disk and never "
+                f"downloads it: write it first with `gqa convert SOURCE {path} --kv-heads G`, or plan before "
+                "converting with `gqa train RECIPE --plan --source SOURCE --kv-heads G`"
+            )
+        raise GQAError(f"{key}: {path} is not a directory; point it at a checkpoint directory on disk "
+                       "(gqa train never downloads one)")
+    if not (directory / "config.json").is_file():
+        raise GQAError(f"{key}: {path} holds no config.json; point it at a transformers checkpoint directory")
+    return directory
 
 
 def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:
