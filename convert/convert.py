@@ -255,14 +255,14 @@ def _convert_into(src: Source, staged: Path, options: ConvertOptions) -> Convers
     family, geometry = family_for(config.model_type), geometry_of(config)
     check_target(geometry, options.kv_heads, allow_same=options.allow_same)
     index = CheckpointIndex(src.path)
-    source_tensors = meta_tensors(config)
+    source_tensors = meta_tensors(config, index.tensors)
     dropped = _check_tensors(index, source_tensors.shapes, source_tensors.tied)
     if dropped:
         log.warning("leaving out %d tensors the model does not define: %s", len(dropped), dropped[:5])
     out_config = copy.deepcopy(config)
     out_config.num_key_value_heads = options.kv_heads
     cast = DTYPES[options.dtype]
-    plan = build_plan(index, source_tensors.shapes, meta_tensors(out_config).shapes, cast)
+    plan = build_plan(index, source_tensors.shapes, meta_tensors(out_config, index.tensors).shapes, cast)
 
     groups_per_layer: dict[int, list[list[int]]] = {}
     if options.method == "aligned":
