@@ -254,6 +254,12 @@ def _convert_into(src: Source, staged: Path, options: ConvertOptions) -> Convers
     raw_config, config = load_config(src.path)
     family, geometry = family_for(config.model_type), geometry_of(config)
     check_target(geometry, options.kv_heads, allow_same=options.allow_same)
+    if options.method == "aligned" and family.qkv_clip(config) is not None:
+        raise GQAError(
+            f"--method aligned cannot merge this {family.name} model exactly: its config sets {family.clip_config} "
+            f"({family.qkv_clip(config)}), which clips queries, keys and values elementwise after the projection, "
+            "and no head alignment passes through a clip. Use --method mean (the default)."
+        )
     index = CheckpointIndex(src.path)
     source_tensors = meta_tensors(config, index.tensors)
     dropped = _check_tensors(index, source_tensors.shapes, source_tensors.tied)
@@ -363,7 +369,8 @@ def _aligned_pass(src: Source, index, config, out_config, family, geometry, opti
         for rel, tensor in tensors.items():
             _check_finite(prefix + rel, tensor)
         groups = _groups_for(tensors, family, geometry, options, moment)
-        return merge_attention_unit(tensors, family, geometry, groups, "aligned", None, moment, frequencies), groups
+        layer_geometry = geometry.at_layer(layer)  # no rotary dims in a layer without RoPE
+        return merge_attention_unit(tensors, family, layer_geometry, groups, "aligned", None, moment, frequencies), groups
 
     work = staged.parent / "aligned"
     return layerwise_aligned_merge(

@@ -7,7 +7,9 @@ follows the usual `model.layers.{i}.self_attn.*` layout is one more entry in FAM
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Callable, Sequence
 
 import torch
 from dataclasses import dataclass, field
@@ -37,6 +39,12 @@ class Family:
     # transform cannot pass through them, and the k one belongs to the keys alone.
     q_norm: str | None = None
     k_norm: str | None = None
+    # Which layers rotate queries and keys (RoPE), read from the config; None: every layer. In a layer
+    # without it a key takes any linear map folded into the queries, like partial rotary's unrotated dims.
+    rotary_layers: Callable[[object], Sequence[bool]] | None = None
+    # The config field that clips q, k and v elementwise after the projection (OLMo's clip_qkv), when
+    # the family has one: no head transform passes through the clip, so aligned merging is refused.
+    clip_config: str | None = None
     # What a user should know about this family's conversion (shown by `gqa inspect` and the docs).
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -45,6 +53,10 @@ class Family:
         if rel.split(".")[0] in (self.q_norm, self.k_norm):
             return "norm"
         return "bias" if rel.endswith(".bias") else "weight"
+
+    def qkv_clip(self, config) -> float | None:
+        """The elementwise clip of q, k and v this model's config sets, if any."""
+        return getattr(config, self.clip_config, None) if self.clip_config else None
 
     def has_qk_norm(self, rels) -> bool:
         """Whether any of these attention tensors belongs to a q or k norm."""
@@ -80,7 +92,12 @@ FAMILIES: tuple[Family, ...] = (
         k_norm="k_layernorm",
         notes=("partial rotary; optional qkv bias and per-head q/k LayerNorm (k norms are merged per group)",),
     ),
-    Family("OLMo", ("olmo",)),
+    Family(
+        "OLMo",
+        ("olmo",),
+        clip_config="clip_qkv",
+        notes=("a config that sets clip_qkv converts with mean or first; aligned is refused (no transform passes the clip)",),
+    ),
     Family(
         "OLMo-2",
         ("olmo2",),
@@ -109,6 +126,7 @@ FAMILIES: tuple[Family, ...] = (
         notes=("partial rotary (phi-2: 32 of 80 dims); biases merged; optional shared q/k LayerNorm copied",),
     ),
 )
+
 
 LAYER_PREFIX = "model.layers.{i}."  # where each decoder layer's tensors live
 ATTENTION_MODULE = "self_attn"  # the layer's attention block
@@ -143,6 +161,11 @@ class Geometry:
     kv_heads: int
     head_dim: int
     rotary_dims: int
+    unrotated_layers: tuple[int, ...] = ()  # layers that apply no RoPE at all (SmolLM3's NoPE layers)
+
+    def at_layer(self, layer: int) -> Geometry:
+        """The geometry one layer's attention sees: no rotary dims in a layer without RoPE."""
+        return dataclasses.replace(self, rotary_dims=0) if layer in self.unrotated_layers else self
 
     def legal_kv_heads(self) -> list[int]:
         """Every G a conversion may target: divisors of the current KV heads, smaller than it."""
@@ -155,12 +178,15 @@ def geometry_of(config) -> Geometry:
         head_dim = config.hidden_size // config.num_attention_heads
     rope = getattr(config, "rope_parameters", None) or {}
     factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
+    family = next((fam for fam in FAMILIES if config.model_type in fam.model_types), None)
+    rotary = family.rotary_layers(config) if family and family.rotary_layers else [True] * config.num_hidden_layers
     return Geometry(
         layers=config.num_hidden_layers,
         heads=config.num_attention_heads,
         kv_heads=kv_heads_of(config),
         head_dim=head_dim,
         rotary_dims=int(head_dim * factor),
+        unrotated_layers=tuple(i for i, rotates in enumerate(rotary) if not rotates),
     )
 
 
