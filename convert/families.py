@@ -128,6 +128,59 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 
+def _smollm3_rotary_layers(config) -> list[bool]:
+    """SmolLM3's no_rope_layers holds 1 for a layer that uses RoPE and 0 for one that does not."""
+    return [bool(flag) for flag in config.no_rope_layers]
+
+
+# Granite, Starcoder2, SmolLM3, and the mixture-of-experts families, whose experts, routers and shared
+# experts are copied unchanged like every other tensor outside attention.
+FAMILIES += (
+    Family(
+        "Granite",
+        ("granite",),
+        notes=("attention_multiplier (the softmax scale), residual, embedding and logits multipliers stay in the config",),
+    ),
+    Family("Starcoder2", ("starcoder2",), notes=("q/k/v/o biases (use_bias) merged like their weights; LayerNorm",)),
+    Family(
+        "SmolLM3",
+        ("smollm3",),
+        rotary_layers=_smollm3_rotary_layers,
+        notes=("layers without RoPE (no_rope_layers): their keys are aligned with any linear map folded into q",),
+    ),
+    Family("Mixtral", ("mixtral",), notes=("experts and routers copied unchanged",)),
+    Family(
+        "Qwen2-MoE",
+        ("qwen2_moe",),
+        notes=("q/k/v biases merged like their weights; experts, shared expert and routers copied unchanged",),
+    ),
+    Family(
+        "Qwen3-MoE",
+        ("qwen3_moe",),
+        q_norm="q_norm",
+        k_norm="k_norm",
+        notes=(
+            "q_norm/k_norm are per-head RMSNorms shared by all heads: copied unchanged, applied after merging",
+            "experts and routers copied unchanged",
+        ),
+    ),
+    Family(
+        "OLMoE",
+        ("olmoe",),
+        kv_stacked=("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias", "k_norm.weight"),
+        q_stacked=("q_proj.weight", "q_proj.bias", "q_norm.weight"),
+        q_norm="q_norm",
+        k_norm="k_norm",
+        clip_config="clip_qkv",
+        notes=(
+            "k_norm is one RMSNorm over all KV heads together (as in OLMo-2): merging is exact only when the merged "
+            "heads are identical",
+            "experts and routers copied unchanged",
+            "a config that sets clip_qkv converts with mean or first; aligned is refused (no transform passes the clip)",
+        ),
+    ),
+)
+
 LAYER_PREFIX = "model.layers.{i}."  # where each decoder layer's tensors live
 ATTENTION_MODULE = "self_attn"  # the layer's attention block
 ATTENTION_PREFIX = f"{LAYER_PREFIX}{ATTENTION_MODULE}."
