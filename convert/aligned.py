@@ -9,7 +9,8 @@ key head j may be replaced by c_j·k' if the pair of every query head reading j 
 conj(c_j): the logits are unchanged. Per pair, the best shared key k' and the c_j solve a rank-1
 complex approximation of the members' keys, weighted by how strongly the queries read each pair
 (their rotation-averaged second moment): the top eigenvector of a small Hermitian Gram matrix.
-Dimensions outside the rotary part admit any linear map and are merged like values.
+Dimensions outside the rotary part (every dimension, in a layer without RoPE) admit any linear map
+and are merged like values.
 
 Values. Any linear map M_j on value head j folds into the o_proj columns of the query heads that
 read it. The shared value v' and the M_j minimise Σ_j ‖(v_j − v' M_j) L_j‖² over the calibration
@@ -18,9 +19,9 @@ regression, solved exactly by the top eigenvectors of the stacked outputs' covar
 
 Both are exact when the merged heads are copies of each other (or a group has one head), and
 least-squares optimal on the calibration data otherwise. Families that normalise q or k after the
-projection (Qwen3, OLMo-2, Gemma-3, StableLM or Phi with q/k LayerNorm) cannot take a key transform
-through the norm, so their keys are mean-pooled; their values are still aligned. What a model does to
-q·k afterwards (Gemma-2's logit soft-capping and query_pre_attn_scalar) leaves the key transform exact.
+projection (Qwen3, OLMo-2, OLMoE, Gemma-3, StableLM or Phi with q/k LayerNorm) cannot take a key
+transform through the norm, so their keys are mean-pooled; their values are still aligned. What a model
+does to q·k afterwards (Gemma-2's logit soft-capping and query_pre_attn_scalar) leaves the key transform exact.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gqa.convert.modeldir import CheckpointIndex, same_tensor, tied_names
+from gqa.convert.modeldir import CheckpointIndex, model_layout, same_tensor, tied_names
 from gqa.convert.errors import GQAError
 from gqa.convert.families import ATTENTION_MODULE, ATTENTION_PREFIX, LAYER_PREFIX, Family, Geometry
 from gqa.convert.text import chunk_tokens, leading_bos, text_documents, token_stream
@@ -77,16 +77,15 @@ def calibration_tokens(model_dir: Path, text: str, sequences: int, seq_len: int)
     return torch.from_numpy(windows)
 
 
-def _materialise(
-    model, module: torch.nn.Module, read: Callable[[str], torch.Tensor], prefix: str, device: torch.device
-) -> None:
-    """Give a meta-device module real storage and the checkpoint's weights. Buffers that are not
-    stored (rotary frequencies, embedding scales) are computed by the model's own initialiser."""
+def _materialise(model, module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str, device: torch.device) -> None:
+    """Give a meta-device module real storage and its weights, taken from `tensors` (full names, as
+    the model holds them). Buffers that are not stored (rotary frequencies, embedding scales) are
+    computed by the model's own initialiser."""
     module.to_empty(device=device)
     for sub in module.modules():
         if sub._non_persistent_buffers_set:
             model._init_weights(sub)
-    module.load_state_dict({name: read(prefix + name).float() for name in module.state_dict()}, strict=True)
+    module.load_state_dict({name: tensors[prefix + name].float() for name in module.state_dict()}, strict=True)
 
 
 def _meta_model(config):
@@ -254,7 +253,20 @@ def layerwise_aligned_merge(
 
     for name, child in src_base.named_children():
         if child is not src_base.layers:
-            _materialise(source, child, read_source, f"{prefix}{name}.", device)
+            child_prefix = f"{prefix}{name}."
+            tensors = {child_prefix + n: read_source(child_prefix + n) for n in child.state_dict()}
+            _materialise(source, child, tensors, child_prefix, device)
+
+    def layer_tensors(model, i: int, replaced: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Layer i's stored tensors, with its attention's replaced by `replaced` (relative names) when
+        given, in the model's own layout (experts fused as the model holds them)."""
+        layer_prefix, attention_prefix = LAYER_PREFIX.format(i=i), ATTENTION_PREFIX.format(i=i)
+        names = [n for n in index.tensors if n.startswith(layer_prefix)]
+        if replaced is not None:
+            names = [n for n in names if not n.startswith(attention_prefix)]
+        stored = {n: read_source(n) for n in names}
+        stored.update({attention_prefix + rel: tensor for rel, tensor in (replaced or {}).items()})
+        return model_layout(model, stored)
 
     embeddings, layer_kwargs = _layer_calls(src_base, tokens.to(device))
     source_stream = converted_stream = embeddings
@@ -265,20 +277,14 @@ def layerwise_aligned_merge(
     for i in tqdm(range(geometry.layers), desc="aligning", unit="layer", disable=None):
         src_layer, conv_layer = src_base.layers[i], conv_base.layers[i]
         attention_prefix = ATTENTION_PREFIX.format(i=i)
-        _materialise(source, src_layer, read_source, LAYER_PREFIX.format(i=i), device)
+        _materialise(source, src_layer, layer_tensors(source, i), LAYER_PREFIX.format(i=i), device)
         seen = _run_source_layer(src_layer, o_module, source_stream, converted_stream, layer_kwargs[i])
         src_layer.to_empty(device="meta")
         tensors = {
             name[len(attention_prefix) :]: read_source(name) for name in index.tensors if name.startswith(attention_prefix)
         }
         merged, groups = merge(i, tensors, seen.moment.cpu())
-
-        def read_converted(name: str) -> torch.Tensor:
-            if name.startswith(attention_prefix) and name[len(attention_prefix) :] in merged:
-                return merged[name[len(attention_prefix) :]]
-            return read_source(name)
-
-        _materialise(converted, conv_layer, read_converted, LAYER_PREFIX.format(i=i), device)
+        _materialise(converted, conv_layer, layer_tensors(converted, i, merged), LAYER_PREFIX.format(i=i), device)
         if refit_output:
             weight, bias = _refit_in_place(conv_layer, o_module, converted_stream, layer_kwargs[i], seen)
             merged[family.o_proj] = weight.to("cpu", torch.float32)

@@ -94,7 +94,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(f"  query heads   {g.heads}")
     print(f"  KV heads      {g.kv_heads}")
     print(f"  head_dim      {g.head_dim}")
-    print(f"  rotary dims   {g.rotary_dims} of {g.head_dim}")
+    nope = f"; none in layers {', '.join(map(str, g.unrotated_layers))} (no RoPE)" if g.unrotated_layers else ""
+    print(f"  rotary dims   {g.rotary_dims} of {g.head_dim}{nope}")
     now = kv_cache_bytes_per_token(config)
     print(f"  KV cache      {human_bytes(now)} per token now ({config.dtype or 'float32'})")
     legal = g.legal_kv_heads()

@@ -276,13 +276,19 @@ def _convert_into(src: Source, staged: Path, options: ConvertOptions) -> Convers
     raw_config, config = load_config(src.path)
     family, geometry = family_for(config.model_type), geometry_of(config)
     out_config = converted_config(config, options.kv_heads, allow_same=options.allow_same)
+    if options.method == "aligned" and family.qkv_clip(config) is not None:
+        raise GQAError(
+            f"--method aligned cannot merge this {family.name} model exactly: its config sets {family.clip_config} "
+            f"({family.qkv_clip(config)}), which clips queries, keys and values elementwise after the projection, "
+            "and no head alignment passes through a clip. Use --method mean (the default)."
+        )
     index = CheckpointIndex(src.path)
-    source_tensors = meta_tensors(config)
+    source_tensors = meta_tensors(config, index.tensors)
     dropped = _check_tensors(index, source_tensors.shapes, source_tensors.tied)
     if dropped:
         log.warning("leaving out %d tensors the model does not define: %s", len(dropped), dropped[:5])
     cast = DTYPES[options.dtype]
-    plan = build_plan(index, source_tensors.shapes, meta_tensors(out_config).shapes, cast)
+    plan = build_plan(index, source_tensors.shapes, meta_tensors(out_config, index.tensors).shapes, cast)
 
     groups_per_layer: dict[int, list[list[int]]] = {}
     if options.method == "aligned":
@@ -382,8 +388,9 @@ def _aligned_pass(src: Source, index, config, out_config, family, geometry, opti
         for rel, tensor in tensors.items():
             _check_finite(prefix + rel, tensor)
         groups = _groups_for(tensors, family, geometry, options, moment)
-        frequencies = rotary_frequencies(config, geometry, layer) if geometry.rotary_dims else None
-        return merge_attention_unit(tensors, family, geometry, groups, "aligned", None, moment, frequencies), groups
+        layer_geometry = geometry.at_layer(layer)  # no rotary dims in a layer without RoPE
+        frequencies = rotary_frequencies(config, layer_geometry, layer) if layer_geometry.rotary_dims else None
+        return merge_attention_unit(tensors, family, layer_geometry, groups, "aligned", None, moment, frequencies), groups
 
     work = staged.parent / "aligned"
     return layerwise_aligned_merge(

@@ -7,7 +7,9 @@ follows the usual `model.layers.{i}.self_attn.*` layout is one more entry in FAM
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Callable, Sequence
 
 import torch
 from dataclasses import dataclass, field
@@ -37,6 +39,12 @@ class Family:
     # transform cannot pass through them, and the k one belongs to the keys alone.
     q_norm: str | None = None
     k_norm: str | None = None
+    # Which layers rotate queries and keys (RoPE), read from the config; None: every layer. In a layer
+    # without it a key takes any linear map folded into the queries, like partial rotary's unrotated dims.
+    rotary_layers: Callable[[object], Sequence[bool]] | None = None
+    # The config field that clips q, k and v elementwise after the projection (OLMo's clip_qkv), when
+    # the family has one: no head transform passes through the clip, so aligned merging is refused.
+    clip_config: str | None = None
     # What a user should know about this family's conversion (shown by `gqa inspect` and the docs).
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -45,6 +53,10 @@ class Family:
         if rel.split(".")[0] in (self.q_norm, self.k_norm):
             return "norm"
         return "bias" if rel.endswith(".bias") else "weight"
+
+    def qkv_clip(self, config) -> float | None:
+        """The elementwise clip of q, k and v this model's config sets, if any."""
+        return getattr(config, self.clip_config, None) if self.clip_config else None
 
     def has_qk_norm(self, rels) -> bool:
         """Whether any of these attention tensors belongs to a q or k norm."""
@@ -80,7 +92,12 @@ FAMILIES: tuple[Family, ...] = (
         k_norm="k_layernorm",
         notes=("partial rotary; optional qkv bias and per-head q/k LayerNorm (k norms are merged per group)",),
     ),
-    Family("OLMo", ("olmo",)),
+    Family(
+        "OLMo",
+        ("olmo",),
+        clip_config="clip_qkv",
+        notes=("a config that sets clip_qkv converts with mean or first; aligned is refused (no transform passes the clip)",),
+    ),
     Family(
         "OLMo-2",
         ("olmo2",),
@@ -129,6 +146,60 @@ FAMILIES: tuple[Family, ...] = (
     ),
 )
 
+
+def _smollm3_rotary_layers(config) -> list[bool]:
+    """SmolLM3's no_rope_layers holds 1 for a layer that uses RoPE and 0 for one that does not."""
+    return [bool(flag) for flag in config.no_rope_layers]
+
+
+# Granite, Starcoder2, SmolLM3, and the mixture-of-experts families, whose experts, routers and shared
+# experts are copied unchanged like every other tensor outside attention.
+FAMILIES += (
+    Family(
+        "Granite",
+        ("granite",),
+        notes=("attention_multiplier (the softmax scale), residual, embedding and logits multipliers stay in the config",),
+    ),
+    Family("Starcoder2", ("starcoder2",), notes=("q/k/v/o biases (use_bias) merged like their weights; LayerNorm",)),
+    Family(
+        "SmolLM3",
+        ("smollm3",),
+        rotary_layers=_smollm3_rotary_layers,
+        notes=("layers without RoPE (no_rope_layers): their keys are aligned with any linear map folded into q",),
+    ),
+    Family("Mixtral", ("mixtral",), notes=("experts and routers copied unchanged",)),
+    Family(
+        "Qwen2-MoE",
+        ("qwen2_moe",),
+        notes=("q/k/v biases merged like their weights; experts, shared expert and routers copied unchanged",),
+    ),
+    Family(
+        "Qwen3-MoE",
+        ("qwen3_moe",),
+        q_norm="q_norm",
+        k_norm="k_norm",
+        notes=(
+            "q_norm/k_norm are per-head RMSNorms shared by all heads: copied unchanged, applied after merging",
+            "experts and routers copied unchanged",
+        ),
+    ),
+    Family(
+        "OLMoE",
+        ("olmoe",),
+        kv_stacked=("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias", "k_norm.weight"),
+        q_stacked=("q_proj.weight", "q_proj.bias", "q_norm.weight"),
+        q_norm="q_norm",
+        k_norm="k_norm",
+        clip_config="clip_qkv",
+        notes=(
+            "k_norm is one RMSNorm over all KV heads together (as in OLMo-2): merging is exact only when the merged "
+            "heads are identical",
+            "experts and routers copied unchanged",
+            "a config that sets clip_qkv converts with mean or first; aligned is refused (no transform passes the clip)",
+        ),
+    ),
+)
+
 LAYER_PREFIX = "model.layers.{i}."  # where each decoder layer's tensors live
 ATTENTION_MODULE = "self_attn"  # the layer's attention block
 ATTENTION_PREFIX = f"{LAYER_PREFIX}{ATTENTION_MODULE}."
@@ -162,6 +233,11 @@ class Geometry:
     kv_heads: int
     head_dim: int
     rotary_dims: int
+    unrotated_layers: tuple[int, ...] = ()  # layers that apply no RoPE at all (SmolLM3's NoPE layers)
+
+    def at_layer(self, layer: int) -> Geometry:
+        """The geometry one layer's attention sees: no rotary dims in a layer without RoPE."""
+        return dataclasses.replace(self, rotary_dims=0) if layer in self.unrotated_layers else self
 
     def legal_kv_heads(self) -> list[int]:
         """Every G a conversion may target: divisors of the current KV heads, smaller than it."""
@@ -182,12 +258,15 @@ def geometry_of(config) -> Geometry:
             "one partial_rotary_factor for all layers."
         )
     (factor,) = factors
+    family = next((fam for fam in FAMILIES if config.model_type in fam.model_types), None)
+    rotary = family.rotary_layers(config) if family and family.rotary_layers else [True] * config.num_hidden_layers
     return Geometry(
         layers=config.num_hidden_layers,
         heads=config.num_attention_heads,
         kv_heads=kv_heads_of(config),
         head_dim=head_dim,
         rotary_dims=int(head_dim * factor),
+        unrotated_layers=tuple(i for i, rotates in enumerate(rotary) if not rotates),
     )
 
 

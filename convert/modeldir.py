@@ -13,12 +13,14 @@ resident set, and the source's pages behind the read position are handed back to
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import logging
 import math
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,15 +151,68 @@ class MetaTensors:
     ignored: tuple[str, ...]  # patterns of stored names transformers drops silently on load
 
 
-def meta_tensors(config) -> MetaTensors:
-    """Build the model for `config` on the meta device (no memory) and read its tensors."""
+def meta_tensors(config, stored: Iterable[str] | None = None) -> MetaTensors:
+    """Build the model for `config` on the meta device (no memory) and read its tensors, named as a
+    checkpoint stores them. A model may keep some tensors in another layout than its checkpoints
+    (transformers 5 fuses each layer's experts into 3D tensors; save_pretrained splits them back): the
+    names are those save_pretrained writes, or the model's own when `stored` (a checkpoint's tensor
+    names) holds more of those."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict(keep_vars=True).items()}
+    own = model.state_dict(keep_vars=True)
+    layouts = [saved_layout(model, own), own]
+    chosen = layouts[0] if stored is None else max(layouts, key=lambda layout: len(layout.keys() & set(stored)))
+    shapes = {name: tuple(tensor.shape) for name, tensor in chosen.items()}
     ignored = tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
     return MetaTensors(shapes, tied_names(model), ignored)
+
+
+def _weight_transforms(model, legacy: bool) -> list:
+    """transformers' renamings and converters between a checkpoint's tensors and the model's own
+    (none before transformers 5, where the two were always the same)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange
+    except ImportError:
+        return []
+    return [t for t in get_model_conversion_mapping(model, add_legacy=legacy) if not isinstance(t, PrefixChange)]
+
+
+def saved_layout(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's own tensors (its state dict, real or on the meta device) as save_pretrained names
+    and shapes them in a checkpoint."""
+    if not _weight_transforms(model, legacy=False):
+        return dict(tensors)
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, dict(tensors))
+
+
+def model_layout(model, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors (full names, any subset holding whole tensors of the model, such as one
+    layer's) as the model holds them: what from_pretrained's loading does to them, without the model."""
+    transforms = _weight_transforms(model, legacy=True)
+    if not transforms:
+        return dict(stored)
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    converter_of = {pattern: t for t in converters for pattern in t.source_patterns}
+    pending: dict[str, Any] = {}
+    for name, tensor in sorted(stored.items(), key=lambda item: dot_natural_key(item[0])):
+        target, pattern = rename_source_key(name, renamings, converters)
+        if pattern is None:  # renamed (or kept) one to one
+            pending.setdefault(target, WeightRenaming(name, target)).add_tensor(target, name, name, tensor)
+        else:  # one of several tensors that make one of the model's (a layer's experts)
+            pending.setdefault(target, copy.deepcopy(converter_of[pattern])).add_tensor(target, name, pattern, tensor)
+    out: dict[str, torch.Tensor] = {}
+    for target, transform in pending.items():
+        for name, value in transform.convert(target, model=model, config=model.config).items():
+            out[name] = value[0] if isinstance(value, list) else value
+    return out
 
 
 def from_pretrained_args(source: str | Path) -> tuple[str, dict[str, str]]:

@@ -114,7 +114,7 @@ def read_checkpoint_shapes(model_dir: Path, report: CheckReport) -> dict[str, tu
 def check_against_meta_model(config, shapes: dict[str, tuple[int, ...]], report: CheckReport) -> None:
     """Build the model from its config on the meta device and compare its tensors with the checkpoint's."""
     try:
-        model = meta_tensors(config)
+        model = meta_tensors(config, shapes)
     except Exception as err:  # noqa: BLE001 - any failure here means the hub's users could not load it either
         report.problems.append(f"the model does not build from config.json ({type(err).__name__}: {err})")
         return

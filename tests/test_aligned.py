@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from tiny import (
@@ -14,6 +16,7 @@ from tiny import (
     save_char_tokenizer,
     save_model,
 )
+from transformers import AutoModelForCausalLM
 
 from gqa.convert.aligned import join_qkvo, split_qkvo
 from gqa.convert.modeldir import read_provenance
@@ -111,17 +114,20 @@ def test_similarity_groups_partition():
     assert torch.allclose(d.diagonal(), torch.zeros(4, dtype=torch.float64), atol=1e-12)
 
 
-def fold_random_transforms(model, seed=0):
+def fold_random_transforms(model, seed=0, unrotated_layers=()):
     """Apply the alignment transforms alone, with no merge: random complex scales on every key's
     rotary pairs (conj folded into q), a random linear map on unrotated key dims (folded into q)
-    and on every value head (folded into o_proj)."""
+    and on every value head (folded into o_proj). In `unrotated_layers` (no RoPE) every key dim is
+    unrotated."""
     gen = torch.Generator().manual_seed(seed)
     family = family_for(model.config.model_type)
     geometry = geometry_of(model.config)
-    d, rot, half = geometry.head_dim, geometry.rotary_dims, geometry.rotary_dims // 2
+    d = geometry.head_dim
     per_kv = geometry.heads // geometry.kv_heads
     state = model.state_dict()
     for layer in range(geometry.layers):
+        rot = 0 if layer in unrotated_layers else geometry.rotary_dims
+        half = rot // 2
         prefix = ATTENTION_PREFIX.format(i=layer)
         rel = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         parts = split_qkvo(rel, family, geometry)
@@ -160,6 +166,46 @@ def test_each_fold_alone_preserves_logits(model_type):
     expected = logits_of(model)
     folded = fold_random_transforms(model)
     torch.testing.assert_close(logits_of(folded), expected, atol=1e-5, rtol=0)
+
+
+def nope_layers(config) -> list[int]:
+    """SmolLM3's layers without RoPE, read from its config here rather than from the family table."""
+    return [i for i, uses_rope in enumerate(config.no_rope_layers) if not uses_rope]
+
+
+def test_a_layer_without_rope_admits_any_key_map():
+    """In SmolLM3's NoPE layer (layer 1 of the tiny model) a general linear map on the whole key,
+    folded into q, changes nothing; in its RoPE layer only the rotation-commuting scales do."""
+    model = build_family_model("smollm3", kv=4, seed=14)
+    assert nope_layers(model.config) == [1] and geometry_of(model.config).unrotated_layers == (1,)
+    expected = logits_of(model)
+    folded = fold_random_transforms(copy.deepcopy(model), unrotated_layers=[1])
+    torch.testing.assert_close(logits_of(folded), expected, atol=1e-5, rtol=0)
+    wrong = fold_random_transforms(copy.deepcopy(model), unrotated_layers=[0, 1])  # a general map in a RoPE layer
+    assert (logits_of(wrong) - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "model_type, overrides",
+    [("llama", {}), ("phi", dict(qk_layernorm=False)), ("smollm3", {}), ("smollm3", dict(no_rope_layers=[0, 0]))],
+    ids=["llama", "phi-partial-rotary", "smollm3", "smollm3-no-rope-at-all"],
+)
+def test_aligned_merges_heads_that_differ_by_the_transforms_each_layer_admits(model_type, overrides, tmp_path, calibration_file):
+    """Duplicated KV heads, each then given its own random transform (complex scales on rotary pairs,
+    any linear map on unrotated dims, which in a layer without RoPE is the whole key, and any map on
+    values), are still one head each: the aligned merge finds that and converts back exactly."""
+    gqa_model = build_family_model(model_type, kv=2, seed=21, **overrides)
+    family = family_for(model_type)
+    config, state = expand_kv_heads(gqa_model, family, factor=4)
+    source = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    source.load_state_dict(state)
+    unrotated = nope_layers(config) if model_type == "smollm3" else []
+    src = save_model(config, fold_random_transforms(source, seed=3, unrotated_layers=unrotated).state_dict(), tmp_path / "src")
+    save_char_tokenizer(src)
+    expected = logits_of(gqa_model)
+    torch.testing.assert_close(logits_of(src), expected, atol=1e-5, rtol=0)
+    out = convert(str(src), tmp_path / "out", aligned_options(2, calibration_file)).out_dir
+    torch.testing.assert_close(logits_of(out), expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "phi3", "qwen3"])  # plain, fused qkv, per-head q/k norms

@@ -259,3 +259,44 @@ def test_inspect_reports_geometry_and_kv_cache(tmp_path, capsys):
     gqa = shutil.which("gqa") or str(Path(sys.executable).with_name("gqa"))
     version = subprocess.run([gqa, "--version"], capture_output=True, text=True, check=True)
     assert version.stdout.startswith("gqa ")
+
+
+def test_inspect_names_the_layers_without_rope(tmp_path, capsys):
+    from gqa.train.cli import main
+
+    model = build_family_model("smollm3", kv=4)  # no_rope_layers [1, 0]: layer 1 has no RoPE
+    src = save_model(model.config, model.state_dict(), tmp_path / "src")
+    assert main(["inspect", str(src)]) == 0
+    assert "rotary dims   8 of 8; none in layers 1 (no RoPE)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("layout", ["saved", "model"])
+def test_expert_tensors_are_checked_as_the_checkpoint_stores_them(layout, tmp_path):
+    """transformers 5 holds a layer's experts fused in 3D tensors and save_pretrained splits them
+    into one tensor per expert (the hub's layout): the converter expects the names and shapes of
+    whichever layout the checkpoint has, refuses a missing or misshapen expert tensor, and reads
+    either back into the model's own tensors."""
+    from safetensors.torch import load_file, save_file
+
+    from gqa.convert.errors import GQAError
+
+    model = build_family_model("mixtral", kv=4, seed=7)
+    src = tmp_path / "src"
+    model.save_pretrained(src, save_original_format=layout == "saved")
+    stored = load_file(src / "model.safetensors")
+    expert = "model.layers.1.block_sparse_moe.experts.3.w1.weight" if layout == "saved" else "model.layers.1.mlp.experts.gate_up_proj"
+    assert expert in stored
+    expected = modeldir.meta_tensors(model.config, stored)
+    assert expected.shapes == {name: tuple(t.shape) for name, t in stored.items()}
+    own = model.state_dict()
+    back = modeldir.model_layout(model, stored)
+    assert back.keys() == own.keys() and all(torch.equal(back[n], own[n]) for n in own)
+
+    for name, broken in (("missing", {k: v for k, v in stored.items() if k != expert}),
+                         ("misshapen", {**stored, expert: stored[expert][..., :-1].contiguous()})):  # fmt: skip
+        bad = tmp_path / name
+        bad.mkdir()
+        model.config.save_pretrained(bad)
+        save_file(broken, bad / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(GQAError, match=f"tensor {expert} (is missing|has shape)"):
+            convert(str(bad), tmp_path / f"out-{name}", ConvertOptions(kv_heads=2))

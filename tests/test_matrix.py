@@ -19,10 +19,11 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny import ENGLISH, FAMILY_TYPES, build_family_model, expand_kv_heads, logits_of, save_char_tokenizer
+from tiny import ENGLISH, FAMILY_TYPES, build_family_model, expand_kv_heads, load_tensors, logits_of, save_char_tokenizer
 from transformers import AutoModelForCausalLM
 
 from gqa.convert.convert import ConvertOptions, convert
+from gqa.convert.errors import GQAError
 from gqa.convert.families import ATTENTION_PREFIX, family_for, geometry_of
 from gqa.convert.grouping import permute_heads
 from gqa.convert.publish import publish
@@ -63,9 +64,10 @@ def duplicated_source(root: Path, model_type: str, target: int, scattered: bool 
                       **config) -> Source:  # fmt: skip
     """An MHA-like checkpoint with SOURCE_KV KV heads that are copies of `target` distinct heads
     (consecutive copies, or scattered across the contiguous groups), with a character tokenizer so
-    calibration can run. `storage` is safetensors, sharded, bin, or inv_freq (per-layer rotary
-    buffers stored the way older transformers saved them); `config_file` sets fields of the saved
-    config.json (None removes one), to write a config the way hub checkpoints do. Built once per
+    calibration can run. `storage` is safetensors, sharded, bin, inv_freq (per-layer rotary
+    buffers stored the way older transformers saved them) or model-layout (tensors as the model holds
+    them, experts fused, instead of as save_pretrained splits them); `config_file` sets fields of the
+    saved config.json (None removes one), to write a config the way hub checkpoints do. Built once per
     combination."""
     key = (model_type, target, scattered, tied, dtype, storage, json.dumps([config_file, config], sort_keys=True))
     if key in _sources:
@@ -84,7 +86,8 @@ def duplicated_source(root: Path, model_type: str, target: int, scattered: bool 
     else:
         model = AutoModelForCausalLM.from_config(mha_config, dtype=DTYPES[dtype])
         model.load_state_dict(state, strict=True)
-        model.save_pretrained(path, max_shard_size="40KB" if storage == "sharded" else "5GB")
+        model.save_pretrained(path, max_shard_size="40KB" if storage == "sharded" else "5GB",
+                              save_original_format=storage != "model-layout")  # fmt: skip
     if storage == "inv_freq":
         stored = load_file(path / "model.safetensors")
         geometry = geometry_of(mha_config)
@@ -199,6 +202,23 @@ VARIANTS = {
         "rope_parameters": None, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
         "rope_scaling": {"rope_type": "linear", "factor": 8.0}})),  # fmt: skip
     **{f"{f}-tied-embeddings": (f, dict(tied=True)) for f in ("gemma2", "gemma3_text")},
+    # Granite, Starcoder2, SmolLM3 and the mixture-of-experts families.
+    "granite-multipliers": ("granite", dict(attention_multiplier=0.0078125, embedding_multiplier=12.0,
+                                            residual_multiplier=0.22, logits_scaling=8.0)),  # fmt: skip
+    "granite-default-multipliers": ("granite", dict(attention_multiplier=1.0, embedding_multiplier=1.0,
+                                                    residual_multiplier=1.0, logits_scaling=1.0)),  # fmt: skip
+    "starcoder2-without-bias": ("starcoder2", dict(use_bias=False)),
+    "starcoder2-sliding-window": ("starcoder2", dict(sliding_window=4)),
+    "smollm3-no-rope-at-all": ("smollm3", dict(no_rope_layers=[0, 0])),
+    "smollm3-rope-in-every-layer": ("smollm3", dict(no_rope_layers=[1, 1])),
+    "smollm3-sliding-window-nope-layer": ("smollm3", dict(use_sliding_window=True, sliding_window=4)),
+    **{f"{f}-tied-embeddings": (f, dict(tied=True)) for f in ("granite", "starcoder2", "smollm3")},
+    "mixtral-sliding-window": ("mixtral", dict(sliding_window=4)),
+    "mixtral-experts-stored-fused": ("mixtral", dict(storage="model-layout")),
+    "qwen2_moe-dense-layer": ("qwen2_moe", dict(mlp_only_layers=[1])),
+    "qwen2_moe-sliding-window-layer": ("qwen2_moe", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    "qwen3_moe-dense-layer-sparse-step": ("qwen3_moe", dict(decoder_sparse_step=2)),
+    "olmoe-experts-stored-fused": ("olmoe", dict(storage="model-layout")),
 }
 VARIANT_CELLS = [(v, m, t) for v in VARIANTS for m in ("mean", "aligned+refine") for t in TARGETS]
 FAST_VARIANTS = {(v, "aligned+refine", "one") for v in VARIANTS}
@@ -213,6 +233,21 @@ def test_config_variants(variant, method, target, workspace):
     if "storage" in source_options:
         weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
         assert not any("inv_freq" in name for name in weight_map)
+    if source_options.get("storage") == "model-layout":  # the output keeps the source's layout
+        assert set(weight_map) == set(load_tensors(source.path))
+
+
+@pytest.mark.parametrize("model_type", ["olmo", "olmoe"])
+def test_clipped_qkv_merges_exactly_with_mean_and_refuses_aligned(model_type, workspace):
+    """clip_qkv clamps queries, keys and values elementwise after the projection: pooling duplicated
+    heads stays exact, but no aligned transform passes through the clamp, so aligned is refused up
+    front, before anything is written."""
+    source = duplicated_source(workspace, model_type, 1, clip_qkv=0.05)
+    check_cell(workspace, source, f"{model_type}-clip-mean", options_for("mean", 1, workspace), exact=True)
+    out = workspace / f"{model_type}-clip-aligned"
+    with pytest.raises(GQAError, match="sets clip_qkv \\(0.05\\).*Use --method mean"):
+        convert(str(source.path), out, options_for("aligned", 1, workspace))
+    assert not out.exists()
 
 
 # Source dtype x --dtype: the output holds the chosen dtype (auto: the source's) and the function

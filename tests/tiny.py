@@ -67,6 +67,21 @@ def family_config(model_type: str, kv: int, **overrides):
                              "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}},
         )),  # fmt: skip
     }
+    # Granite (non-default multipliers), Starcoder2, SmolLM3 (layer 1 without RoPE) and the MoE families
+    # (4 experts, 2 per token: attention is all that changes).
+    moe = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+    factories.update(
+        {
+            "granite": (tf.GraniteConfig, dict(attention_multiplier=0.25, residual_multiplier=0.5, embedding_multiplier=6.0,
+                                               logits_scaling=2.0, attention_bias=True)),  # fmt: skip
+            "starcoder2": (tf.Starcoder2Config, dict(use_bias=True)),
+            "smollm3": (tf.SmolLM3Config, dict(no_rope_layer_interval=2, pad_token_id=0)),
+            "mixtral": (tf.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2)),
+            "qwen2_moe": (tf.Qwen2MoeConfig, dict(num_experts=4, shared_expert_intermediate_size=64, **moe)),
+            "qwen3_moe": (tf.Qwen3MoeConfig, dict(num_experts=4, head_dim=16, **moe)),
+            "olmoe": (tf.OlmoeConfig, dict(num_experts=4, pad_token_id=0, **moe)),
+        }
+    )
     if model_type not in factories:
         raise KeyError(f"tests/tiny.py has no tiny config for the supported family '{model_type}': add one")
     config_class, quirks = factories[model_type]

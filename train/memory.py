@@ -501,7 +501,13 @@ class _Tracker(TorchDispatchMode):
         elif func is _aten.nonzero.default:
             grids = torch.meshgrid(*[torch.arange(n) for n in args[0].shape], indexing="ij")
             return torch.stack([g.reshape(-1) for g in grids], dim=1)
-        out = func(*args, **kwargs)
+        if func is _aten._grouped_mm.default and args[0].dtype != torch.bfloat16:
+            # Mixture-of-experts layers multiply through grouped_mm, whose shape function admits bf16 alone
+            # (CUDA's kernel), while the CPU kernel takes any float: the result's shape from bf16 stand-ins.
+            a, b, *rest = args
+            out = func(a.to(torch.bfloat16), b.to(torch.bfloat16), *rest, **kwargs).to(a.dtype)
+        else:
+            out = func(*args, **kwargs)
         inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         cast = func is _aten._to_copy.default and bool(inputs & self.weights)
         for tensor in tree_flatten(out)[0]:
