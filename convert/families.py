@@ -70,6 +70,8 @@ class Family:
         return tuple(m for m in (*self.projections[1:], self.k_norm) if m)
 
 
+PER_HEAD_QK_NORMS = "q_norm/k_norm are per-head RMSNorms shared by all heads: copied unchanged, applied after merging"
+
 FAMILIES: tuple[Family, ...] = (
     Family("Llama", ("llama",)),
     Family("Mistral", ("mistral",)),
@@ -115,7 +117,7 @@ FAMILIES: tuple[Family, ...] = (
         ("qwen3",),
         q_norm="q_norm",
         k_norm="k_norm",
-        notes=("q_norm/k_norm are per-head RMSNorms shared by all heads: copied unchanged, applied after merging",),
+        notes=(PER_HEAD_QK_NORMS,),
     ),
     Family(
         "Phi",
@@ -140,7 +142,7 @@ FAMILIES: tuple[Family, ...] = (
         q_norm="q_norm",
         k_norm="k_norm",
         notes=(
-            "q_norm/k_norm are per-head RMSNorms shared by all heads: copied unchanged, applied after merging",
+            PER_HEAD_QK_NORMS,
             "local and global RoPE bases (per layer type) with sliding-window layers",
         ),
     ),
@@ -179,7 +181,7 @@ FAMILIES += (
         q_norm="q_norm",
         k_norm="k_norm",
         notes=(
-            "q_norm/k_norm are per-head RMSNorms shared by all heads: copied unchanged, applied after merging",
+            PER_HEAD_QK_NORMS,
             "experts and routers copied unchanged",
         ),
     ),
