@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-TEXT_SUFFIXES = (".json", ".md", ".txt", ".yaml", ".yml", ".jinja")
+TEXT_SUFFIXES = (".json", ".jsonl", ".md", ".txt", ".yaml", ".yml", ".jinja")
 SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET", re.IGNORECASE)
 MIN_SECRET_LENGTH = 8
 REDACTED = "<redacted>"

@@ -56,9 +56,10 @@ from gqa.convert.private import environment_secrets, find_private, is_text_file,
 logger = logging.getLogger(__name__)
 
 # Training leftovers that never belong on the hub. Only top-level files are uploaded at all:
-# checkpoint-*/, runs/ (tensorboard) and other folders stay home.
+# checkpoint-*/, runs/ (tensorboard) and other folders stay home. gqa_run.json is gqa train's run state
+# (the recipe with its local paths, for resuming); gqa_provenance.json is the public record of the run.
 NOT_UPLOADED = ("*.pt", "*.pth", "*.bin", "*.tmp*", "optimizer*", "scheduler*", "rng_state*",
-                "trainer_state.json", "training_args*", ".*")
+                "trainer_state.json", "training_args*", "gqa_run.json", ".*")
 
 
 @dataclass

@@ -50,13 +50,14 @@ def private_home(tmp_path_factory):
         mp.delenv("HF_OIDC_RESOURCE", raising=False)
         mp.setattr(getpass, "getuser", lambda: USER)
         converted, trained = convert_and_train(home)
+        shutil.copytree(trained, home / "runs" / "trained-as-written")
         # What a user's own edits leave behind: the token and a home path in files that get uploaded.
         generation = json.loads((trained / "generation_config.json").read_text())
         (trained / "generation_config.json").write_text(json.dumps({**generation, "note": f"token {TOKEN}"}, indent=2))
         tokenizer_config = json.loads((trained / "tokenizer_config.json").read_text())
         (trained / "tokenizer_config.json").write_text(
             json.dumps({**tokenizer_config, "name_or_path": str(converted)}, indent=2))
-        yield {"home": home, "converted": converted, "trained": trained}
+        yield {"home": home, "converted": converted, "trained": trained, "as_written": home / "runs" / "trained-as-written"}
 
 
 def strings_in(tree) -> list[str]:
@@ -80,12 +81,18 @@ def test_provenance_of_convert_and_train_holds_no_absolute_path(private_home):
     assert json.loads((private_home["converted"] / "gqa_provenance.json").read_text())["source"]["id"] == "mha"
 
 
-def publish_copy(private_home, tmp_path, capsys, *flags) -> tuple[int, str, Path]:
+def publish_copy(private_home, tmp_path, capsys, *flags, which: str = "trained") -> tuple[int, str, Path]:
     model = tmp_path / "publish" / "trained"
-    shutil.copytree(private_home["trained"], model)
+    shutil.copytree(private_home[which], model)
     rc = main(["publish", str(model), "--repo", "someone/tiny-gqa", "--dry-run", *flags])
     out, err = capsys.readouterr()
     return rc, out + err, model
+
+
+def test_a_trained_model_as_gqa_wrote_it_publishes_without_redaction(private_home, tmp_path, capsys):
+    rc, output, model = publish_copy(private_home, tmp_path, capsys, which="as_written")
+    assert rc == 0, output
+    assert "gqa_run.json" not in {p.name for p in files_to_upload(model)}  # run state with local paths stays home
 
 
 def test_publish_refuses_paths_and_tokens_naming_each(private_home, tmp_path, capsys):
