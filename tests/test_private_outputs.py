@@ -31,6 +31,8 @@ def convert_and_train(root: Path, **train_extra) -> tuple[Path, Path]:
     Every path handed to gqa is absolute."""
     source = save_tiny_llama(root / "models" / "mha", num_key_value_heads=8)
     save_tokenizer(source, docs_text(TRAIN_MODULES))
+    for path in source.iterdir():  # a source saved with private modes: its copied files must not keep them
+        path.chmod(0o600)
     converted = convert(str(source), root / "models" / "converted", ConvertOptions(kv_heads=2)).out_dir
     train, held = write_texts(root)
     trained = root / "runs" / "trained"
