@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from gqa.convert.convert import ConvertOptions, convert
+from gqa.convert.modeldir import public_path
+from gqa.convert.private import find_private
 from gqa.convert.publish import files_to_upload
 from gqa.train.api import run_recipe
 from gqa.train.cli import main
@@ -139,3 +141,30 @@ def test_convert_and_train_outputs_get_the_umask_mode(tmp_path, umask, file_mode
     assert {"model.safetensors", "metrics.jsonl", "README.md", "gqa_provenance.json"} <= names
     assert any(name.startswith("checkpoints/step-") and name.endswith(".safetensors") for name in names), names
     assert any(name.startswith("model-") for name in modes_under(converted))
+
+
+def test_public_path_keeps_hub_ids_and_names_local_paths(tmp_path):
+    out = tmp_path / "out"
+    (out / "logs").mkdir(parents=True)
+    data = tmp_path / "data" / "notes.txt"
+    data.parent.mkdir()
+    data.write_text("x")
+    assert public_path(out / "logs", out) == "logs"  # inside the output directory: relative to it
+    assert public_path(str(data), out) == "notes.txt"  # outside: the name alone
+    assert public_path("/nowhere/on/this/machine.jsonl", out) == "machine.jsonl"
+    assert public_path("~/corpus/*.parquet", out) == "*.parquet"
+    assert public_path("C:\\Users\\someone\\train.txt", out) == "train.txt"
+    for kept in ("HuggingFaceFW/fineweb-edu", "stdlib-docs:train", "main", "language modelling"):
+        assert public_path(kept, out) == kept
+
+
+def test_the_private_finder_passes_urls_fractions_and_words(monkeypatch, tmp_path):
+    monkeypatch.setattr(getpass, "getuser", lambda: "root")
+    monkeypatch.setenv("HOME", str(tmp_path / "home" / "someone"))
+    clean = ("see https://huggingface.co/org/model and arXiv 2305.13245/v2\n| 2 / 8 | 1/2 | grooted: root cause\n"
+             '{"vocab": {"Ġ/": 1, "/": 2, "//": 3, "/usr": 4}}')
+    assert find_private(clean, "README.md", secrets={"$HF_TOKEN": TOKEN}) == []
+    found = find_private(f"path /home/root/x and {TOKEN} in C:\\Users\\me\\x", "f.md", secrets={"$HF_TOKEN": TOKEN})
+    assert [f.what for f in found] == ["the value of $HF_TOKEN", "the local path /home/root/x",
+                                       "the local path C:\\Users\\me\\x", "the user name root"]
+    assert TOKEN not in "".join(map(str, found))
