@@ -18,6 +18,7 @@ from gqa.convert.private import find_private
 from gqa.convert.publish import files_to_upload
 from gqa.train.api import run_recipe
 from gqa.train.cli import main
+from gqa.train.evaluate import evaluate
 from tiny import save_tiny_llama
 from train_helpers import REPO, TRAIN_MODULES, docs_text, save_tokenizer, tiny_overrides, write_texts
 
@@ -54,6 +55,8 @@ def private_home(tmp_path_factory):
         mp.delenv("HF_OIDC_RESOURCE", raising=False)
         mp.setattr(getpass, "getuser", lambda: USER)
         converted, trained = convert_and_train(home)
+        evaluate(trained, home / "models" / "mha", [home / "eval.txt"], 32, home / "reports",
+                 contexts=(), new_tokens=2, progress=False)  # stores its summary in the provenance
         shutil.copytree(trained, home / "runs" / "trained-as-written")
         # What a user's own edits leave behind: the token and a home path in files that get uploaded.
         generation = json.loads((trained / "generation_config.json").read_text())
@@ -83,6 +86,8 @@ def test_provenance_of_convert_and_train_holds_no_absolute_path(private_home):
     assert training["data"]["train"] == "train.txt" and training["data"]["eval"] == "eval.txt"
     assert training["recipe_file"] == "tiny-cpu.yaml"
     assert json.loads((private_home["converted"] / "gqa_provenance.json").read_text())["source"]["id"] == "mha"
+    evaluation = json.loads((private_home["trained"] / "gqa_provenance.json").read_text())["eval"]
+    assert evaluation["baseline"] == "mha" and evaluation["data"] == ["eval.txt"]
 
 
 def publish_copy(private_home, tmp_path, capsys, *flags, which: str = "trained") -> tuple[int, str, Path]:
