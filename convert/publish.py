@@ -241,8 +241,8 @@ def publish(
     if not model_dir.is_dir():
         raise GQAError(f"{model_dir} is not a directory: pass the model directory gqa convert or gqa train wrote")
     card_path, warnings = _check_and_write_card(model_dir, repo_id, keep_card)
-    files = files_to_upload(model_dir)
-    _check_nothing_private(model_dir, repo_id, files, redact, keep_card)
+    _check_nothing_private(model_dir, repo_id, files_to_upload(model_dir), redact, keep_card)
+    files = files_to_upload(model_dir)  # after any redaction, so the sizes are those uploaded
     result: dict[str, Any] = {
         "repo_id": repo_id,
         "private": private,
