@@ -63,8 +63,9 @@ _FILE_SUFFIX = re.compile(r"\.(txt|jsonl?|parquet|csv|tsv|arrow|md)$", re.IGNORE
 
 
 def _is_hub_id(name: str) -> bool:
-    """Hub dataset ids go in the front matter; local files and directories (and stdlib-docs:...) do not."""
-    if Path(name).exists() or _FILE_SUFFIX.search(name) or name.startswith((".", "/", "~")):
+    """Hub dataset ids (owner/name) go in the front matter; local files and directories, which provenance
+    names by their name alone, (and stdlib-docs:...) do not."""
+    if Path(name).exists() or _FILE_SUFFIX.search(name) or name.startswith((".", "/", "~")) or "/" not in name:
         return False
     try:
         validate_repo_id(name)

@@ -40,6 +40,7 @@ from gqa.convert.modeldir import (
     meta_tensors,
     resolve_source,
     same_tensor,
+    apply_umask,
     write_provenance,
 )
 from gqa.convert.errors import GQAError
@@ -108,6 +109,7 @@ def convert(source: str, out: str | Path, options: ConvertOptions) -> Conversion
     try:
         src = resolve_source(source, work)
         result = _convert_into(src, staged, options)
+        apply_umask(staged)
         _move_into_place(staged, out, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)

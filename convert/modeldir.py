@@ -22,7 +22,7 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import torch
@@ -92,6 +92,74 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
+_WINDOWS_PATH = re.compile(r"^[A-Za-z]:[\\/]")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_PATH_STARTS = ("/", "~/", "./", "../")
+
+
+def public_path(path: str | Path, out_dir: str | Path) -> str:
+    """How a published record names a path: relative to `out_dir` when it lies inside it, else by its name
+    alone. Strings that are not local paths (hub ids, revisions, `stdlib-docs:train`) come back unchanged."""
+    text = str(path)
+    if _WINDOWS_PATH.match(text):
+        return PureWindowsPath(text).name
+    local = Path(text).expanduser()
+    exists = os.path.exists(local)
+    if not (isinstance(path, Path) or text.startswith(_PATH_STARTS) or text in ("~", ".", "..") or exists):
+        return text
+    if _GLOB_CHARS.search(text) and not exists:
+        return local.name or text
+    try:
+        return local.resolve().relative_to(Path(out_dir).resolve()).as_posix()
+    except ValueError:
+        return local.resolve().name or text
+
+
+def public_record(record: Any, out_dir: str | Path) -> Any:
+    """`record` with every string that names a local path passed through public_path()."""
+    if isinstance(record, dict):
+        return {key: public_record(value, out_dir) for key, value in record.items()}
+    if isinstance(record, (list, tuple)):
+        return [public_record(value, out_dir) for value in record]
+    if isinstance(record, (str, Path)):
+        return public_path(record, out_dir)
+    return record
+
+
+def current_umask() -> int:
+    """The process's umask (read from /proc where it can be, so that it is not changed even briefly)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | Path) -> None:
+    """Give `path` and everything under it the modes a plain write would: files 0o666 & ~umask, folders
+    0o777 & ~umask. Libraries that save through private temporary files leave 0600 behind otherwise."""
+    mask = current_umask()
+    file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
+    root = Path(path)
+    if root.is_symlink() or not root.exists():
+        return
+    if root.is_file():
+        os.chmod(root, file_mode)
+        return
+    os.chmod(root, dir_mode)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            if not os.path.islink(os.path.join(folder, name)):
+                os.chmod(os.path.join(folder, name), dir_mode)
+        for name in files:
+            if not os.path.islink(os.path.join(folder, name)):
+                os.chmod(os.path.join(folder, name), file_mode)
+
+
 def read_provenance(model_dir: str | Path) -> dict[str, Any] | None:
     """The record of how a model was made (gqa_provenance.json), or None for a model gqa did not write."""
     path = Path(model_dir) / PROVENANCE_FILE
@@ -99,7 +167,10 @@ def read_provenance(model_dir: str | Path) -> dict[str, Any] | None:
 
 
 def write_provenance(model_dir: str | Path, provenance: dict[str, Any]) -> Path:
-    return write_text_atomic(Path(model_dir) / PROVENANCE_FILE, json.dumps(provenance, indent=2) + "\n")
+    """Write the provenance with every local path made public (public_record): relative to the model
+    directory inside it, by name outside it."""
+    public = public_record(provenance, model_dir)
+    return write_text_atomic(Path(model_dir) / PROVENANCE_FILE, json.dumps(public, indent=2) + "\n")
 
 
 def provenance_of(model_dir: str | Path, config) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """`gqa publish`: check a model directory, write its card, and upload it to the Hugging Face hub.
 
-    gqa publish DIR --repo user/name [--private] [--dry-run] [--keep-card]
+    gqa publish DIR --repo user/name [--private] [--dry-run] [--keep-card] [--redact]
 
 Nothing leaves the machine until every check passes:
 - weights: config.json loads; model.safetensors.index.json and the shards agree (every listed shard
@@ -8,7 +8,9 @@ Nothing leaves the machine until every check passes:
 - the model builds from config.json on the meta device (no memory, no weights) and every tensor it
   expects is in the checkpoint with the shape it expects, and no other;
 - the provenance file agrees with config.json (KV heads, query heads, model type, groups per layer);
-- the model card's claims (front matter, KV-head counts, method) agree with the provenance file.
+- the model card's claims (front matter, KV-head counts, method) agree with the provenance file;
+- no text file to upload holds an absolute local path, the home directory, the user name or a token
+  from the environment (`--redact` rewrites them: paths to their names, tokens to <redacted>).
 
 The card is regenerated from config.json and gqa_provenance.json (`--keep-card` uploads the README.md
 that is there instead, after checking it). The token comes from huggingface_hub's usual places
@@ -39,21 +41,25 @@ from gqa.convert.kvcache import human_bytes, kv_heads_of
 from gqa.convert.modeldir import (
     CARD_FILE,
     CONFIG_FILE,
+    PROVENANCE_FILE,
     SAFETENSORS_FILE,
     SAFETENSORS_INDEX,
     meta_tensors,
     read_provenance,
     read_safetensors_header,
     tokenizer_files,
+    write_provenance,
     write_text_atomic,
 )
+from gqa.convert.private import environment_secrets, find_private, is_text_file, read_text, redact_text
 
 logger = logging.getLogger(__name__)
 
 # Training leftovers that never belong on the hub. Only top-level files are uploaded at all:
-# checkpoint-*/, runs/ (tensorboard) and other folders stay home.
+# checkpoint-*/, runs/ (tensorboard) and other folders stay home. gqa_run.json is gqa train's run state
+# (the recipe with its local paths, for resuming); gqa_provenance.json is the public record of the run.
 NOT_UPLOADED = ("*.pt", "*.pth", "*.bin", "*.tmp*", "optimizer*", "scheduler*", "rng_state*",
-                "trainer_state.json", "training_args*", ".*")
+                "trainer_state.json", "training_args*", "gqa_run.json", ".*")
 
 
 @dataclass
@@ -216,13 +222,16 @@ def publish(
     private: bool = False,
     dry_run: bool = False,
     keep_card: bool = False,
+    redact: bool = False,
     api: Any = None,
 ) -> dict[str, Any]:
     """Check `model_dir`, write its card, and (unless dry_run) create `repo_id` and upload.
 
     `api` is the hub client (an HfApi by default, made with the token from get_token()); tests pass a
     stand-in with the same create_repo/upload_folder methods. Returns what was (or would be) uploaded.
-    Raises GQAError, having uploaded nothing, when a check fails.
+    Raises GQAError, having uploaded nothing, when a check fails, or when a file to upload holds a local
+    path, the home directory, the user name or a token; with `redact` those are rewritten in the files
+    first (see gqa.convert.private) and the files checked again.
     """
     model_dir = Path(model_dir)
     try:
@@ -232,7 +241,8 @@ def publish(
     if not model_dir.is_dir():
         raise GQAError(f"{model_dir} is not a directory: pass the model directory gqa convert or gqa train wrote")
     card_path, warnings = _check_and_write_card(model_dir, repo_id, keep_card)
-    files = files_to_upload(model_dir)
+    _check_nothing_private(model_dir, repo_id, files_to_upload(model_dir), redact, keep_card)
+    files = files_to_upload(model_dir)  # after any redaction, so the sizes are those uploaded
     result: dict[str, Any] = {
         "repo_id": repo_id,
         "private": private,
@@ -273,6 +283,52 @@ def _check_and_write_card(model_dir: Path, repo_id: str, keep_card: bool) -> tup
     return card_path, report.warnings
 
 
+def private_findings(files: list[Path], secrets: dict[str, str] | None = None) -> list[str]:
+    """What in the text files among `files` must not leave the machine, as 'file:line: what'."""
+    secrets = environment_secrets() if secrets is None else secrets
+    found: list[str] = []
+    for path in files:
+        text = read_text(path) if is_text_file(path) else None
+        if text is not None:
+            found += [str(f) for f in find_private(text, path.name, secrets)]
+    return found
+
+
+def redact_files(model_dir: Path, repo_id: str, files: list[Path], keep_card: bool, secrets: dict[str, str]) -> None:
+    """Rewrite the text files among `files` without local paths, home, user name or tokens; the card is
+    regenerated from the redacted provenance (unless keep_card: then its text is redacted like the rest)."""
+    provenance_path = model_dir / PROVENANCE_FILE
+    if provenance_path.is_file():
+        write_provenance(model_dir, json.loads(redact_text(provenance_path.read_text(), secrets)))
+    for path in files:
+        if path.name in (PROVENANCE_FILE, CARD_FILE) or not is_text_file(path):
+            continue
+        text = read_text(path)
+        if text is not None and (clean := redact_text(text, secrets)) != text:
+            write_text_atomic(path, clean)
+    card_path = model_dir / CARD_FILE
+    if keep_card and card_path.is_file():
+        write_text_atomic(card_path, redact_text(card_path.read_text(), secrets))
+    elif not keep_card:
+        config_dict = json.loads((model_dir / CONFIG_FILE).read_text())
+        write_text_atomic(card_path, render_card(config_dict, read_provenance(model_dir) or {}, repo_id))
+
+
+def _check_nothing_private(model_dir: Path, repo_id: str, files: list[Path], redact: bool, keep_card: bool) -> None:
+    secrets = environment_secrets()
+    found = private_findings(files, secrets)
+    if found and redact:
+        redact_files(model_dir, repo_id, files, keep_card, secrets)
+        found = private_findings(files_to_upload(model_dir), secrets)
+    if found:
+        what = "still holds" if redact else "holds"
+        hint = "remove them by hand" if redact else "pass --redact to rewrite them (paths to names, tokens to <redacted>)"
+        raise GQAError(
+            f"{model_dir} {what} what must not leave this machine; nothing was uploaded ({hint}):\n  - "
+            + "\n  - ".join(found)
+        )
+
+
 def _upload(model_dir: Path, repo_id: str, private: bool, files: list[Path], api: Any) -> dict[str, Any]:
     if api is None:
         token = get_token()
@@ -307,10 +363,14 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "publish") -> Non
                         help="run the checks, write the card, list what would be uploaded; contact nothing")
     parser.add_argument("--keep-card", action="store_true",
                         help="upload the README.md in DIR as it is (after checking its claims) instead of regenerating it")
+    parser.add_argument("--redact", action="store_true",
+                        help="rewrite local paths (to their names), the home directory, the user name and tokens "
+                        "(to <redacted>) in the files to upload, instead of refusing to publish them")
 
 
 def run(args: argparse.Namespace) -> int:
-    result = publish(args.model_dir, args.repo, private=args.private, dry_run=args.dry_run, keep_card=args.keep_card)
+    result = publish(args.model_dir, args.repo, private=args.private, dry_run=args.dry_run, keep_card=args.keep_card,
+                     redact=args.redact)
     # Warnings were already logged by publish(); the CLI's logging prints them.
     print(f"checks passed; model card: {result['card']}")
     verb = "would upload" if result["dry_run"] else "uploaded"

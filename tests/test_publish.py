@@ -107,7 +107,7 @@ def test_dry_run_writes_card_and_contacts_nothing(model_dir):
     assert meta["datasets"] == ["HuggingFaceFW/fineweb-edu"]  # the local file is named in the body only
     assert "KV heads: 8 -> 2" in body and "method: `mean`" in body
     assert "1,234,567 tokens in 300 optimizer steps (0.062% of the source's 2,000,000,000 pre-training tokens)" in body
-    assert "`/data/local-notes.txt`" in body and "final held-out perplexity: 12.180" in body
+    assert "`local-notes.txt`" in body and "final held-out perplexity: 12.180" in body
     assert EVAL_TABLE in body
     assert 'from_pretrained("someone/tiny-gqa")' in body
     assert GQA_CITATION in body

@@ -37,7 +37,7 @@ from gqa.convert.card import write_model_card
 from gqa.convert.errors import GQAError
 from gqa.convert.perplexity import perplexity, summed_loss
 from gqa.convert.modeldir import (
-    DTYPES, config_dtype, dtype_name, from_pretrained_args, now, provenance_of, write_provenance,
+    DTYPES, apply_umask, config_dtype, dtype_name, from_pretrained_args, now, provenance_of, write_provenance,
 )
 from gqa.train import rundir
 from gqa.train.dataset import PreparedData, StreamLoader, make_collate, prepare_data, training_order
@@ -528,6 +528,7 @@ class _Run:
         self.accelerator.wait_for_everyone()
         if self.main:
             path = rundir.complete_checkpoint(partial, step, self.progress.tokens_seen)
+            apply_umask(path)  # accelerate's save_state writes some files 0600
             rundir.prune_checkpoints(self.output_dir, self.recipe.checkpoint.keep)
             logger.info("step %d: checkpoint %s", step, path)
         self.accelerator.wait_for_everyone()
@@ -565,6 +566,7 @@ class _Run:
                 self.output_dir, recipe, self.recipe_file, status="finished", steps=self.progress.step,
                 tokens_seen=self.progress.tokens_seen, final_eval=final_eval,
             )
+            apply_umask(self.output_dir)  # save_pretrained's files come out 0600; every output gets the umask's mode
             logger.info("saved the trained model to %s", self.output_dir)
         accelerator.wait_for_everyone()
 

@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
 from gqa.convert.kvcache import human_bytes  # noqa: E402
+from gqa.convert.modeldir import apply_umask  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -307,4 +308,6 @@ def write_report(results: dict[str, Any], report_dir: str | Path, metrics: list[
     files["json"] = str(report_dir / "eval.json")
     # eval.json is written last so that it lists every file the report holds.
     (report_dir / "eval.json").write_text(json.dumps({**results, "report_files": files}, indent=2) + "\n")
+    for path in files.values():
+        apply_umask(path)
     return files
