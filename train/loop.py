@@ -26,7 +26,9 @@ from typing import Any
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import SAFE_MODEL_NAME, DistributedType, GradientAccumulationPlugin, gather_object, set_seed
+from accelerate.utils import (
+    SAFE_MODEL_NAME, DistributedType, GradientAccumulationPlugin, broadcast_object_list, gather_object, set_seed,
+)
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -34,6 +36,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from gqa.convert import __version__
 from gqa.convert.card import write_model_card
+from gqa.convert import outputlock
 from gqa.convert.errors import GQAError
 from gqa.convert.perplexity import perplexity, summed_loss
 from gqa.convert.modeldir import (
@@ -96,6 +99,38 @@ def train(recipe: Recipe, recipe_file: str | None = None, check_memory: bool = T
     _check_paths(recipe)
     use_cpu = not _accelerator_available()
     state = PartialState(cpu=use_cpu)
+    lock = _lock_output(recipe, state)  # before the output dir is read: its checkpoints are this run's alone
+    try:
+        return _train_locked(recipe, recipe_file, check_memory, state, use_cpu)
+    finally:
+        if lock is not None:
+            outputlock.release(*lock)
+
+
+def _lock_output(recipe: Recipe, state: PartialState) -> tuple[Path, int] | None:
+    """The main process takes output.dir's lock; a refusal is raised on every process, with the same message."""
+    refusal, lock = None, None
+    if state.is_main_process:
+        output_dir = Path(recipe.output.dir)
+        if output_dir.exists() and not output_dir.is_dir():
+            refusal = f"output.dir {output_dir} is a file; point output.dir at a directory"
+        else:
+            path = rundir.lock_path(output_dir)
+            try:
+                lock = path, outputlock.acquire(path, f"output.dir {output_dir}")
+            except GQAError as err:
+                refusal = str(err)
+    if state.num_processes > 1:
+        message = [refusal]
+        broadcast_object_list(message, from_process=0)
+        refusal = message[0]
+    if refusal is not None:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        raise GQAError(refusal)
+    return lock
+
+
+def _train_locked(recipe: Recipe, recipe_file: str | None, check_memory: bool, state: PartialState, use_cpu: bool) -> TrainResult:
     plan = plan_training(recipe, state.num_processes)
     start = rundir.resolve_start(recipe)
     accelerator = Accelerator(

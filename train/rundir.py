@@ -1,6 +1,7 @@
 """The output directory of a run: who owns it, where its checkpoints are, what to resume from.
 
     OUTPUT_DIR/
+      .gqa.lock                 held (flock) by the run's main process while it runs: one run at a time
       gqa_run.json              the recipe, its identity, and the status of the run
       metrics.jsonl             one line per logged step and per evaluation
       logs/                     tracker files (tensorboard)
@@ -23,6 +24,7 @@ from gqa.convert.modeldir import write_text_atomic
 from gqa.train.recipe import Recipe, flat_items
 
 RUN_FILE = "gqa_run.json"
+LOCK_FILE = ".gqa.lock"
 CHECKPOINT_MARKER = "gqa_checkpoint.json"  # written after save_state finished: its presence means complete
 
 
@@ -31,6 +33,10 @@ class Checkpoint:
     path: Path
     step: int
     tokens_seen: int
+
+
+def lock_path(output_dir: Path) -> Path:
+    return output_dir / LOCK_FILE
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
@@ -96,7 +102,7 @@ def resolve_start(recipe: Recipe) -> Checkpoint | None:
     if output_dir.exists() and not output_dir.is_dir():
         raise GQAError(f"output.dir {output_dir} is a file; point output.dir at a directory")
     run_file = output_dir / RUN_FILE
-    holds_files = output_dir.is_dir() and any(output_dir.iterdir())
+    holds_files = output_dir.is_dir() and any(p.name != LOCK_FILE for p in output_dir.iterdir())
     if holds_files and not run_file.is_file():
         raise GQAError(
             f"output.dir {output_dir} already holds files that are not from `gqa train`; "
