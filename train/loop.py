@@ -198,9 +198,7 @@ class _Run:
             accelerator.register_save_state_pre_hook(_keep_trainable_weights)
             accelerator.register_load_state_pre_hook(_load_trainable_weights)
         if self.start is not None:
-            if self.main:
-                logger.info("resuming from %s (step %d)", self.start.path, self.start.step)
-            accelerator.load_state(str(self.start.path))
+            self._load_start()
         accelerator.init_trackers(recipe.logging.project, config=_tracker_config(recipe, self.plan))
 
         self.model, self.teacher, self.optimizer, self.scheduler = model, teacher, optimizer, scheduler
@@ -209,6 +207,31 @@ class _Run:
         self.eval_loader = eval_loader
         self.data = data
         return self._loop(train_loader)
+
+    def _load_start(self) -> None:
+        """load_state from self.start; when its files do not load on some process, every process falls back to
+        the newest whole checkpoint before it (resume=auto), or stops naming what failed."""
+        while True:
+            if self.main:
+                logger.info("resuming from %s (step %d)", self.start.path, self.start.step)
+            failed = None
+            try:
+                self.accelerator.load_state(str(self.start.path))
+            except GQAError:
+                raise  # a checkpoint of another setting (LoRA), not a damaged one
+            except Exception as err:  # noqa: BLE001 - whatever a damaged file makes torch or safetensors raise
+                failed = f"{type(err).__name__}: {err}"
+            problem = next((f for f in gather_object([failed]) if f is not None), None)
+            if problem is None:
+                return
+            damaged = f"{self.start.path} does not load ({problem})"
+            if self.recipe.resume != "auto":
+                raise GQAError(f"resume={self.recipe.resume}: {damaged}. Restore it from a copy, or resume from another checkpoint")
+            logger.warning("checkpoint %s; trying the one before it", damaged)
+            older = rundir.newest_whole_checkpoint(self.output_dir, before=self.start.step)
+            if older is None:
+                raise rundir.no_whole_checkpoint(self.output_dir, [damaged])
+            self.start = older
 
     # The setup stages, in the order they run; the training step itself is _step.
 
