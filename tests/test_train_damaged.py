@@ -109,6 +109,8 @@ def test_a_run_whose_only_checkpoint_is_damaged_is_refused_and_nothing_is_writte
     with pytest.raises(GQAError, match=r"resume=.*(is damaged|does not load)"):
         run(ws, tmp_path / "elsewhere", resume=str(damaged.parent))
     assert snapshot(out / "checkpoints") == before
+    if names_file:  # refused by the checks before training starts: no output dir is left behind
+        assert not (tmp_path / "elsewhere").exists()
 
 
 def test_checkpoint_damage_names_the_file_and_what_is_wrong(tmp_path):

@@ -14,6 +14,7 @@ interrupted-then-resumed run all compute the same steps, padded documents includ
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -99,12 +100,16 @@ def train(recipe: Recipe, recipe_file: str | None = None, check_memory: bool = T
     _check_paths(recipe)
     use_cpu = not _accelerator_available()
     state = PartialState(cpu=use_cpu)
+    existed = Path(recipe.output.dir).exists()
     lock = _lock_output(recipe, state)  # before the output dir is read: its checkpoints are this run's alone
     try:
         return _train_locked(recipe, recipe_file, check_memory, state, use_cpu)
     finally:
         if lock is not None:
             outputlock.release(*lock)
+            if not existed:  # a run refused before it wrote anything leaves no empty output dir behind
+                with contextlib.suppress(OSError):
+                    Path(recipe.output.dir).rmdir()
 
 
 def _lock_output(recipe: Recipe, state: PartialState) -> tuple[Path, int] | None:
