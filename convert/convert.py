@@ -2,7 +2,8 @@
 
 Nothing here holds more than one layer's attention tensors (or one other tensor) at a time.
 Output goes to a hidden temporary directory beside OUT, renamed into place only when complete,
-so a failed or killed run never leaves an OUT that looks finished.
+so a failed or killed run never leaves an OUT that looks finished. A lock file beside OUT
+(`.OUT.gqa-lock`, see gqa.convert.outputlock) keeps a second conversion out of OUT while one runs.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from gqa.convert.grouping import head_distances, permute_heads, similarity_group
 from gqa.convert.heads import contiguous_groups, merge_per_head, merge_stacked_rows
 from gqa.convert.kvcache import kv_cache_bytes_per_token
 from gqa.convert.options import DTYPES, ConvertOptions
+from gqa.convert.outputlock import output_lock
 from gqa.convert.writer import ShardedSafetensorsWriter, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -101,7 +103,20 @@ def convert(source: str, out: str | Path, options: ConvertOptions) -> Conversion
         calibration_device(options.device)  # a bad --device fails before anything is read or written
     out = Path(out).expanduser().absolute()
     check_output_location(source, out, options.force)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(lock_path(out), f"OUT {out}"):
+        check_output_location(source, out, options.force)  # again: another conversion may have just finished it
+        result = _convert_locked(source, out, options)
+    result.out_dir = out
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def lock_path(out: Path) -> Path:
+    """The lock file of a conversion into OUT: beside it, since OUT itself appears only at the end."""
+    return out.parent / f".{out.name}.gqa-lock"
+
+
+def _convert_locked(source: str, out: Path, options: ConvertOptions) -> ConversionResult:
     work = out.parent / f".{out.name}.gqa-tmp-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     staged = work / "out"
@@ -113,8 +128,6 @@ def convert(source: str, out: str | Path, options: ConvertOptions) -> Conversion
         _move_into_place(staged, out, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result.out_dir = out
-    result.seconds = time.perf_counter() - started
     return result
 
 

@@ -14,6 +14,7 @@ interrupted-then-resumed run all compute the same steps, padded documents includ
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -26,7 +27,9 @@ from typing import Any
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import SAFE_MODEL_NAME, DistributedType, GradientAccumulationPlugin, gather_object, set_seed
+from accelerate.utils import (
+    SAFE_MODEL_NAME, DistributedType, GradientAccumulationPlugin, broadcast_object_list, gather_object, set_seed,
+)
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -34,6 +37,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from gqa.convert import __version__
 from gqa.convert.card import write_model_card
+from gqa.convert import outputlock
 from gqa.convert.errors import GQAError
 from gqa.convert.perplexity import perplexity, summed_loss
 from gqa.convert.modeldir import (
@@ -96,6 +100,42 @@ def train(recipe: Recipe, recipe_file: str | None = None, check_memory: bool = T
     _check_paths(recipe)
     use_cpu = not _accelerator_available()
     state = PartialState(cpu=use_cpu)
+    existed = Path(recipe.output.dir).exists()
+    lock = _lock_output(recipe, state)  # before the output dir is read: its checkpoints are this run's alone
+    try:
+        return _train_locked(recipe, recipe_file, check_memory, state, use_cpu)
+    finally:
+        if lock is not None:
+            outputlock.release(*lock)
+            if not existed:  # a run refused before it wrote anything leaves no empty output dir behind
+                with contextlib.suppress(OSError):
+                    Path(recipe.output.dir).rmdir()
+
+
+def _lock_output(recipe: Recipe, state: PartialState) -> tuple[Path, int] | None:
+    """The main process takes output.dir's lock; a refusal is raised on every process, with the same message."""
+    refusal, lock = None, None
+    if state.is_main_process:
+        output_dir = Path(recipe.output.dir)
+        if output_dir.exists() and not output_dir.is_dir():
+            refusal = f"output.dir {output_dir} is a file; point output.dir at a directory"
+        else:
+            path = rundir.lock_path(output_dir)
+            try:
+                lock = path, outputlock.acquire(path, f"output.dir {output_dir}")
+            except GQAError as err:
+                refusal = str(err)
+    if state.num_processes > 1:
+        message = [refusal]
+        broadcast_object_list(message, from_process=0)
+        refusal = message[0]
+    if refusal is not None:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        raise GQAError(refusal)
+    return lock
+
+
+def _train_locked(recipe: Recipe, recipe_file: str | None, check_memory: bool, state: PartialState, use_cpu: bool) -> TrainResult:
     plan = plan_training(recipe, state.num_processes)
     start = rundir.resolve_start(recipe)
     accelerator = Accelerator(
@@ -163,9 +203,7 @@ class _Run:
             accelerator.register_save_state_pre_hook(_keep_trainable_weights)
             accelerator.register_load_state_pre_hook(_load_trainable_weights)
         if self.start is not None:
-            if self.main:
-                logger.info("resuming from %s (step %d)", self.start.path, self.start.step)
-            accelerator.load_state(str(self.start.path))
+            self._load_start()
         accelerator.init_trackers(recipe.logging.project, config=_tracker_config(recipe, self.plan))
 
         self.model, self.teacher, self.optimizer, self.scheduler = model, teacher, optimizer, scheduler
@@ -174,6 +212,31 @@ class _Run:
         self.eval_loader = eval_loader
         self.data = data
         return self._loop(train_loader)
+
+    def _load_start(self) -> None:
+        """load_state from self.start; when its files do not load on some process, every process falls back to
+        the newest whole checkpoint before it (resume=auto), or stops naming what failed."""
+        while True:
+            if self.main:
+                logger.info("resuming from %s (step %d)", self.start.path, self.start.step)
+            failed = None
+            try:
+                self.accelerator.load_state(str(self.start.path))
+            except GQAError:
+                raise  # a checkpoint of another setting (LoRA), not a damaged one
+            except Exception as err:  # noqa: BLE001 - whatever a damaged file makes torch or safetensors raise
+                failed = f"{type(err).__name__}: {err}"
+            problem = next((f for f in gather_object([failed]) if f is not None), None)
+            if problem is None:
+                return
+            damaged = f"{self.start.path} does not load ({problem})"
+            if self.recipe.resume != "auto":
+                raise GQAError(f"resume={self.recipe.resume}: {damaged}. Restore it from a copy, or resume from another checkpoint")
+            logger.warning("checkpoint %s; trying the one before it", damaged)
+            older = rundir.newest_whole_checkpoint(self.output_dir, before=self.start.step)
+            if older is None:
+                raise rundir.no_whole_checkpoint(self.output_dir, [damaged])
+            self.start = older
 
     # The setup stages, in the order they run; the training step itself is _step.
 

@@ -1,6 +1,7 @@
 """The output directory of a run: who owns it, where its checkpoints are, what to resume from.
 
     OUTPUT_DIR/
+      .gqa.lock                 held (flock) by the run's main process while it runs: one run at a time
       gqa_run.json              the recipe, its identity, and the status of the run
       metrics.jsonl             one line per logged step and per evaluation
       logs/                     tracker files (tensorboard)
@@ -12,8 +13,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +25,13 @@ from gqa.convert.errors import GQAError
 from gqa.convert.modeldir import write_text_atomic
 from gqa.train.recipe import Recipe, flat_items
 
+logger = logging.getLogger(__name__)
+
 RUN_FILE = "gqa_run.json"
+LOCK_FILE = ".gqa.lock"
 CHECKPOINT_MARKER = "gqa_checkpoint.json"  # written after save_state finished: its presence means complete
+SMALL_FILE_BYTES = 64 * 2**20  # torch/pickle files up to this size are loaded whole to check them
+TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,10 @@ class Checkpoint:
     path: Path
     step: int
     tokens_seen: int
+
+
+def lock_path(output_dir: Path) -> Path:
+    return output_dir / LOCK_FILE
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
@@ -86,6 +98,90 @@ def prune_checkpoints(output_dir: Path, keep: int) -> None:
         shutil.rmtree(old.path, ignore_errors=True)
 
 
+def checkpoint_damage(path: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files (the first damaged file and why), or None when each
+    looks whole: safetensors headers against file sizes, torch zip archives' directories, small pickles loaded."""
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        if file.suffix == ".safetensors":
+            problem = _safetensors_damage(file)
+        elif file.suffix in TORCH_SUFFIXES:
+            problem = _torch_file_damage(file)
+        else:
+            continue
+        if problem is not None:
+            return f"{file} {problem}"
+    return None
+
+
+def _safetensors_damage(file: Path) -> str | None:
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"is {size} bytes long, too short for a safetensors header"
+        header_len = int.from_bytes(head, "little")
+        if 8 + header_len > size:
+            return f"is cut short: its header alone needs {8 + header_len} bytes, the file has {size}"
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError:
+            return "has a header that is not valid JSON"
+    try:
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (AttributeError, KeyError, IndexError, TypeError):
+        return "has a header without valid tensor offsets"
+    if 8 + header_len + end != size:
+        return f"is cut short: its header lists {8 + header_len + end} bytes, the file has {size}"
+    return None
+
+
+def _torch_file_damage(file: Path) -> str | None:
+    size = file.stat().st_size
+    if zipfile.is_zipfile(file):  # torch.save's format: a directory at the end lists every record
+        try:
+            with zipfile.ZipFile(file) as archive:
+                for info in archive.infolist():
+                    if info.header_offset + info.compress_size > size:
+                        return f"is cut short: its record {info.filename} ends past the file's {size} bytes"
+        except (zipfile.BadZipFile, OSError) as err:
+            return f"is not a readable archive ({err})"
+        if size > SMALL_FILE_BYTES:
+            return None
+    elif size > SMALL_FILE_BYTES:
+        return f"is cut short or damaged: {size} bytes, and not the archive torch.save writes"
+    import torch  # only here: the run directory's other readers need no torch
+
+    try:
+        torch.load(file, map_location="cpu", weights_only=False)  # this run's own file, as accelerate loads it
+    except Exception as err:  # noqa: BLE001 - whatever a damaged file makes torch.load or pickle raise
+        return f"does not load ({type(err).__name__}: {err})"
+    return None
+
+
+def newest_whole_checkpoint(output_dir: Path, before: int | None = None) -> Checkpoint | None:
+    """The newest complete checkpoint (below step `before`, if given) whose files are whole; each damaged one
+    passed over is named in a warning. None when there is no checkpoint; GQAError when all are damaged."""
+    found = [c for c in complete_checkpoints(output_dir) if before is None or c.step < before]
+    damaged = []
+    for checkpoint in reversed(found):
+        problem = checkpoint_damage(checkpoint.path)
+        if problem is None:
+            return checkpoint
+        damaged.append(problem)
+        logger.warning("checkpoint %s is damaged: %s; trying the one before it", checkpoint.path, problem)
+    if damaged:
+        raise no_whole_checkpoint(output_dir, damaged)
+    return None
+
+
+def no_whole_checkpoint(output_dir: Path, damaged: list[str]) -> GQAError:
+    return GQAError(
+        f"output.dir {output_dir} holds no checkpoint that can be resumed: {'; '.join(damaged)}. Restore the "
+        f"damaged files from a copy, or delete the damaged checkpoints (all of {checkpoints_dir(output_dir)} "
+        "to start the run over)"
+    )
+
+
 def resolve_start(recipe: Recipe) -> Checkpoint | None:
     """Check that output.dir is free for this run (or holds this very run); return the checkpoint to resume.
 
@@ -96,7 +192,7 @@ def resolve_start(recipe: Recipe) -> Checkpoint | None:
     if output_dir.exists() and not output_dir.is_dir():
         raise GQAError(f"output.dir {output_dir} is a file; point output.dir at a directory")
     run_file = output_dir / RUN_FILE
-    holds_files = output_dir.is_dir() and any(output_dir.iterdir())
+    holds_files = output_dir.is_dir() and any(p.name != LOCK_FILE for p in output_dir.iterdir())
     if holds_files and not run_file.is_file():
         raise GQAError(
             f"output.dir {output_dir} already holds files that are not from `gqa train`; "
@@ -123,13 +219,18 @@ def resolve_start(recipe: Recipe) -> Checkpoint | None:
             )
         return None
     if recipe.resume == "auto":
-        found = complete_checkpoints(output_dir)
-        return found[-1] if found else None
+        return newest_whole_checkpoint(output_dir)
     checkpoint = read_checkpoint(Path(recipe.resume))
     if checkpoint is None:
         raise GQAError(
             f"resume={recipe.resume} is not a complete gqa checkpoint (no {CHECKPOINT_MARKER} inside); "
             f"use resume=auto, resume=never, or a path like {checkpoint_path(output_dir, 100)}"
+        )
+    problem = checkpoint_damage(checkpoint.path)
+    if problem is not None:
+        raise GQAError(
+            f"resume={recipe.resume} is damaged: {problem}. Restore that file from a copy, or resume from "
+            "another checkpoint (resume=auto takes the newest whole one)"
         )
     return checkpoint
 
