@@ -314,6 +314,11 @@ class TensorInfo:
     offset: int | None = None  # byte offset of the data in a safetensors file
 
 
+def looks_like_hub_id(source: str) -> bool:
+    """Whether a source that is not on disk reads as a hub id (owner/name) rather than a local path."""
+    return source.count("/") == 1 and not source.startswith((".", "/", "~"))
+
+
 def resolve_source(source: str, scratch: Path, config_only: bool = False) -> Source:
     """A local directory, a `.gguf` file (dequantised into `scratch`), or a hub id (downloaded).
     With `config_only`, only config.json is fetched or extracted (for `gqa inspect`)."""
@@ -331,7 +336,7 @@ def resolve_source(source: str, scratch: Path, config_only: bool = False) -> Sou
         return Source(path.resolve(), id=str(path), kind="local")
     if path.exists():
         raise GQAError(f"{path} is a file; give a model directory, a .gguf file or a hub id.")
-    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+    if looks_like_hub_id(source):
         return Source(download_from_hub(source, config_only), id=source, kind="hub", hub_id=source)
     raise GQAError(f"{source} is neither a local model directory, a .gguf file nor a hub id (owner/name).")
 

@@ -46,7 +46,7 @@ from gqa.convert.kvcache import human_bytes, kv_cache_bytes_per_token, kv_heads_
 from gqa.train import report
 from gqa.train.heldout import CONVENTIONS, held_out, read_documents, score_windows
 from gqa.train.heldout import describe as describe_held_out
-from gqa.train.tasks import DEFAULT_SEED, TaskSettings, compare, lm_eval_version, parse_task_list, run_tasks, task_manager
+from gqa.train.tasks import DEFAULT_SEED, TaskSettings, compare, parse_task_list, run_tasks, task_manager
 
 logger = logging.getLogger(__name__)
 
@@ -359,9 +359,10 @@ def _run_tasks(models, entries, tok, settings: TaskSettings, manager) -> dict[st
     """Each model's task scores (stored in its entry) and the comparison rows, under one set of settings."""
     for (role, _, model), entry in zip(models, entries):
         logger.info("tasks %s on the %s", ", ".join(settings.tasks), role)
-        entry["tasks"] = run_tasks(model, tok, settings, manager)["tasks"]
+        scored = run_tasks(model, tok, settings, manager)
+        entry["tasks"] = scored["tasks"]
     base = entries[1]["tasks"] if len(entries) > 1 else None
-    return {"settings": settings.describe(), "lm_eval_version": lm_eval_version(),
+    return {"settings": settings.describe(), "lm_eval_version": scored["lm_eval_version"],
             "rows": compare(entries[0]["tasks"], base)}  # fmt: skip
 
 

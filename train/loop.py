@@ -41,7 +41,8 @@ from gqa.convert import outputlock
 from gqa.convert.errors import GQAError
 from gqa.convert.perplexity import perplexity, summed_loss
 from gqa.convert.modeldir import (
-    DTYPES, apply_umask, config_dtype, dtype_name, from_pretrained_args, now, provenance_of, write_provenance,
+    DTYPES, apply_umask, config_dtype, dtype_name, from_pretrained_args, looks_like_hub_id, now, provenance_of,
+    write_provenance,
 )
 from gqa.train import rundir
 from gqa.train.dataset import PreparedData, StreamLoader, make_collate, prepare_data, training_order
@@ -752,7 +753,7 @@ def _check_baseline(source: str) -> None:
         raise GQAError(f"eval.baseline: {source} holds no config.json; point it at a transformers checkpoint directory")
     if path.is_file() and path.suffix != ".gguf":
         raise GQAError(f"eval.baseline: {source} is a file; give a checkpoint directory, a .gguf file or a hub id")
-    if not path.exists() and (source.count("/") != 1 or source.startswith((".", "/", "~"))):
+    if not path.exists() and not looks_like_hub_id(source):
         raise GQAError(f"eval.baseline: {source} is neither a local checkpoint directory nor a hub id (owner/name)")
 
 
