@@ -59,7 +59,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from gqa.convert.corpus import corpus_documents, corpus_tag
 from gqa.train import loop
 from gqa.train.api import load_recipe, run_recipe
-from gqa.train.dataset import StreamLoader, make_collate, prepare_data
+from gqa.train.dataset import make_collate, prepare_data
+from gqa.train.stream import StreamLoader
 
 from benchlib import save_random_llama
 

@@ -53,6 +53,55 @@ def test_the_foundation_imports_only_the_foundation(name):
     assert imported <= FOUNDATION, f"convert/{name}.py imports {sorted(imported - FOUNDATION)} from above the foundation"
 
 
+def runtime_imports(path: Path, floor: str) -> set[str]:
+    """The modules of one floor a file imports when it runs (imports for type checkers only are left out)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                   for n in ast.walk(node)}  # fmt: skip
+    package, names = FLOORS[floor], set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(package + "."):
+            names.add(node.module.split(".")[2])
+        elif isinstance(node, ast.ImportFrom) and node.module == package:
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[2] for alias in node.names if alias.name.startswith(package + "."))
+    return names - {path.stem}
+
+
+# Rooms of the upper floor that come in stages: each may import only the stages before it.
+STAGES = {
+    "data": ["sources", "blocks", "stream", "dataset"],  # sources and their errors; prepared blocks; the stream; the entry
+    "memory": ["launch", "activations", "memory"],  # the launch arithmetic; the measured step; the estimate and advice
+}
+
+
+@pytest.mark.parametrize("floor", FLOORS)
+def test_no_floor_has_an_import_cycle(floor):
+    graph = {p.stem: runtime_imports(p, floor) for p in modules_of(floor)}
+
+    def reachable(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    assert not [name for name in graph if name in reachable(name)], graph
+
+
+@pytest.mark.parametrize("room", STAGES)
+def test_each_stage_imports_only_the_stages_before_it(room):
+    stages = STAGES[room]
+    for i, name in enumerate(stages):
+        later = runtime_imports(REPO / "train" / f"{name}.py", "train") & set(stages[i + 1:])
+        assert not later, f"train/{name}.py imports {sorted(later)}, a later stage of the {room} rooms ({' -> '.join(stages)})"
+
+
 def test_the_command_table_is_the_only_one():
     """One module builds the `gqa` parser and is the console script; no other module has a table."""
     pyproject = (REPO / "pyproject.toml").read_text()

@@ -16,16 +16,8 @@ from transformers import LlamaConfig
 
 from gqa.convert.errors import GQAError
 from gqa.train.cli import main as gqa
-from gqa.train.memory import (
-    Launch,
-    check_run,
-    estimate_memory,
-    launch_from_config,
-    launch_from_environment,
-    parse_size,
-    plan_memory,
-    resolve_launch,
-)
+from gqa.train.launch import Launch, launch_from_config, launch_from_environment, resolve_launch
+from gqa.train.memory import check_run, estimate_memory, parse_size, plan_memory
 from gqa.train.recipe import load_recipe
 from tiny import FAMILY_TYPES, family_config
 

@@ -52,7 +52,7 @@ def test_a_second_preparation_reads_the_cache_without_rebuilding(ws, tmp_path, m
     def no_rebuild(*args, **kwargs):
         raise AssertionError("the cache was rebuilt")
 
-    monkeypatch.setattr(dataset, "_build", no_rebuild)
+    monkeypatch.setattr(dataset, "build_blocks", no_rebuild)
     again = prepare_data(section(text, tmp_path), tokenizer, model, seed=0)
     assert again.stats["cache_dir"] == first.stats["cache_dir"]
     assert again.train["input_ids"] == first.train["input_ids"]

@@ -27,9 +27,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gqa.convert.errors import GQAError
-from gqa.train import dataset
+from gqa.train import blocks, dataset, sources, stream
 from gqa.train.api import load_recipe, run_recipe
-from gqa.train.dataset import StreamLoader, StreamShare, make_collate, prepare_data
+from gqa.train.dataset import make_collate, prepare_data
+from gqa.train.stream import StreamLoader, StreamShare
 from gqa.train.plan import plan_training
 from gqa.train.recipe import DataSection
 from train_helpers import REPO, TRAIN_MODULES, docs_text, make_model, tiny_overrides, torchrun, write_shards
@@ -117,7 +118,7 @@ def test_held_out_blocks_are_the_first_blocks_of_the_stream_and_never_trained_on
     unshuffled = rows(prepare_data(section(ws, eval_blocks=21, shuffle_buffer=1), ws.tokenizer, ws.model, seed=0).train, 52)
     assert trained[:52] != unshuffled and sorted(trained[:52]) == sorted(unshuffled)  # really shuffled, within runs
     # The held-out blocks are read once: a second preparation reads them from the cache.
-    monkeypatch.setattr(dataset, "_write_held_out", lambda *a: pytest.fail("the held-out blocks were read again"))
+    monkeypatch.setattr(stream, "write_held_out", lambda *a: pytest.fail("the held-out blocks were read again"))
     again = prepare_data(section(ws, eval_blocks=21, shuffle_buffer=52), ws.tokenizer, ws.model, seed=0)
     assert again.eval["input_ids"] == data.eval["input_ids"]
 
@@ -125,7 +126,7 @@ def test_held_out_blocks_are_the_first_blocks_of_the_stream_and_never_trained_on
 @pytest.mark.parametrize("processes", [2, 3])  # 2 divides the 4 files: each reads its own; 3 does not: each reads all
 def test_each_process_keeps_every_nth_block_of_one_stream(ws, processes, caplog):
     one = rows(prepare_data(section(ws, eval_blocks=8, shuffle_buffer=32), ws.tokenizer, ws.model, seed=3).train, 600)
-    with caplog.at_level(logging.WARNING, logger="gqa.train.dataset"):
+    with caplog.at_level(logging.WARNING, logger="gqa.train.stream"):
         shares = [prepare_data(section(ws, eval_blocks=8, shuffle_buffer=32), ws.tokenizer, ws.model, seed=3,
                                process_index=i, num_processes=processes).train for i in range(processes)]  # fmt: skip
     assert [one[i::processes] for i in range(processes)] == [rows(share, 600 // processes) for share in shares]
@@ -203,11 +204,11 @@ def test_prepared_data_is_built_by_the_first_process_inside_local_main_process_f
         yield
         inside.append(False)
 
-    build = dataset._build
+    build = dataset.build_blocks
     built = []
-    monkeypatch.setattr(dataset, "_build", lambda *a: (built.append(inside[-1:] == [True]), build(*a)))
-    write_held_out = dataset._write_held_out
-    monkeypatch.setattr(dataset, "_write_held_out", lambda *a: (built.append(inside[-1:] == [True]), write_held_out(*a)))
+    monkeypatch.setattr(dataset, "build_blocks", lambda *a: (built.append(inside[-1:] == [True]), build(*a)))
+    write_held_out = stream.write_held_out
+    monkeypatch.setattr(stream, "write_held_out", lambda *a: (built.append(inside[-1:] == [True]), write_held_out(*a)))
     text = tmp_path / "docs.txt"
     text.write_text(docs_text(TRAIN_MODULES[:2]))
     for data in (DataSection(train=str(text), cache_dir=str(tmp_path), block_size=32),
@@ -390,23 +391,23 @@ def test_a_parquet_file_streams_one_row_group_at_a_time_and_resumes_inside_its_r
         return read_row_group(self, group, *args, **kwargs)
 
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", recorded)
-    docs = dataset._parquet_documents(str(file), "text", "data.train")
+    docs = sources.parquet_documents(str(file), "text", "data.train")
     assert [row["text"] for row in docs] == documents and read == list(range(groups)) and groups >= 4
     # Nothing is read ahead: the first document reads the first row group only, the 41st the second.
     read.clear()
-    stream = iter(docs)
-    assert next(stream)["text"] == documents[0] and read == [0]
-    taken = [next(stream)["text"] for _ in range(99)]
+    rows_read = iter(docs)
+    assert next(rows_read)["text"] == documents[0] and read == [0]
+    taken = [next(rows_read)["text"] for _ in range(99)]
     assert taken == documents[1:100] and read == [0, 1, 2]
     # A restored position reads again only the rest of its row group (the third), then goes on exactly.
     state = docs.state_dict()
     read.clear()
-    resumed = dataset._parquet_documents(str(file), "text", "data.train")
+    resumed = sources.parquet_documents(str(file), "text", "data.train")
     resumed.load_state_dict(state)
     assert [row["text"] for row in resumed] == documents[100:] and read == list(range(2, groups))
     # Streamed training reads parquet this way, one stream per file, named by the file.
     monkeypatch.setattr(datasets, "load_dataset", None)  # not datasets' own parquet stream
-    files = dataset.stream_files(dataset.resolve_sources(str(ws.shards), "data.train", "train", tmp_path), section(ws),
+    files = stream.stream_files(sources.resolve_sources(str(ws.shards), "data.train", "train", tmp_path), section(ws),
                                  ws.tokenizer, "data.train", tmp_path)  # fmt: skip
     assert [name for name, _ in files] == [str(f) for f in ws.files]
 
@@ -421,9 +422,9 @@ def test_a_hub_dataset_of_parquet_files_streams_them_with_its_split_and_revision
 
     real_builder = datasets.load_dataset_builder
     monkeypatch.setattr(datasets, "load_dataset_builder", load_dataset_builder)
-    hub = dataset.stream_files(dataset.resolve_sources("someone/corpus@v1.2", "data.train", "train", tmp_path),
+    hub = stream.stream_files(sources.resolve_sources("someone/corpus@v1.2", "data.train", "train", tmp_path),
                                section(ws), ws.tokenizer, "data.train", tmp_path)  # fmt: skip
-    local = dataset.stream_files(dataset.resolve_sources([str(f) for f in ws.files], "data.train", "train", tmp_path),
+    local = stream.stream_files(sources.resolve_sources([str(f) for f in ws.files], "data.train", "train", tmp_path),
                                  section(ws), ws.tokenizer, "data.train", tmp_path)  # fmt: skip
     assert asked == [("someone/corpus", None, "v1.2")]
     assert [name for name, _ in hub] == [name for name, _ in local] == [str(f) for f in ws.files]
@@ -431,15 +432,15 @@ def test_a_hub_dataset_of_parquet_files_streams_them_with_its_split_and_revision
     with pytest.raises(GQAError, match=r"data\.train: 'someone/corpus' is not a local path and could not be loaded as a "
                        r"hub dataset \(config None, split validation, revision v1\.2; data\.train_split\): Available "
                        r"splits: \['train'\]"):
-        dataset.stream_files(dataset.resolve_sources("someone/corpus@v1.2", "data.train", "validation", tmp_path),
+        stream.stream_files(sources.resolve_sources("someone/corpus@v1.2", "data.train", "validation", tmp_path),
                              section(ws), ws.tokenizer, "data.train", tmp_path)  # fmt: skip
 
 
 def test_hub_sources_pin_a_revision_as_id_at_revision(ws, tmp_path, monkeypatch):
-    (source,) = dataset.resolve_sources("someone/corpus@v1.2", "data.train", "train", tmp_path)
+    (source,) = sources.resolve_sources("someone/corpus@v1.2", "data.train", "train", tmp_path)
     assert (source.kind, source.location, source.revision) == ("hub", "someone/corpus", "v1.2")
     with pytest.raises(GQAError, match=r"data\.train: 'someone/corpus@' is not a hub dataset id; write ID or ID@REVISION"):
-        dataset.resolve_sources("someone/corpus@", "data.train", "train", tmp_path)
+        sources.resolve_sources("someone/corpus@", "data.train", "train", tmp_path)
     # The revision reaches datasets, prepared (load_dataset) and streamed (its builder), and a missing one is
     # a GQAError naming it.
     asked = []
@@ -456,7 +457,7 @@ def test_hub_sources_pin_a_revision_as_id_at_revision(ws, tmp_path, monkeypatch)
             prepare_data(section(ws, train="someone/corpus@v1.2", streaming=streaming), ws.tokenizer, ws.model, seed=0)
     assert asked == ["v1.2", "v1.2"]
     # Cached blocks follow the revision.
-    keys = {revision: dataset._cache_key(section(ws), dataset.resolve_sources(f"someone/corpus{revision}", "data.train",
+    keys = {revision: blocks.cache_key(section(ws), sources.resolve_sources(f"someone/corpus{revision}", "data.train",
                                                                                 "train", tmp_path), [], ws.tokenizer, ws.model, 0)
             for revision in ("", "@v1.2", "@v1.3")}  # fmt: skip
     assert len(set(keys.values())) == 3

@@ -17,18 +17,18 @@ from pathlib import Path
 
 import accelerate.accelerator
 
-from gqa.train import dataset
+from gqa.train import stream
 
 if "KILL_TEST_BATCH_SECONDS" in os.environ:
     pause = float(os.environ["KILL_TEST_BATCH_SECONDS"])
-    batches = dataset.StreamLoader.__iter__
+    batches = stream.StreamLoader.__iter__
 
     def slowly(self):
         for batch in batches(self):
             time.sleep(pause)
             yield batch
 
-    dataset.StreamLoader.__iter__ = slowly
+    stream.StreamLoader.__iter__ = slowly
 
 if "KILL_TEST_HOLD_SAVE" in os.environ:
 

@@ -133,7 +133,8 @@ def run_plan(args: argparse.Namespace) -> int:
     model's config (model.path's, or with --source the config a conversion of the source would write)."""
     from dataclasses import replace
 
-    from gqa.train.memory import device_memory, parse_size, plan_memory, resolve_launch
+    from gqa.train.launch import resolve_launch
+    from gqa.train.memory import device_memory, parse_size, plan_memory
     from gqa.train.plan import plan_training
     from gqa.train.recipe import load_recipe
 

@@ -45,7 +45,8 @@ from gqa.convert.modeldir import (
     write_provenance,
 )
 from gqa.train import rundir
-from gqa.train.dataset import PreparedData, StreamLoader, make_collate, prepare_data, training_order
+from gqa.train.dataset import PreparedData, make_collate, prepare_data, training_order
+from gqa.train.stream import StreamLoader
 from gqa.train.losses import IGNORE_INDEX, distillation_loss
 from gqa.train.memory import check_run
 from gqa.train.params import apply_lora, lora_record, merge_lora, select_trainable, weights_dtype
