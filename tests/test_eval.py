@@ -18,7 +18,8 @@ from gqa.convert.modeldir import read_provenance, write_provenance
 from gqa.train.cli import main
 from gqa.convert.errors import GQAError
 from gqa.convert.text import chunk_tokens
-from gqa.train.evaluate import _PeakMemory, evaluate, peak_of_running_sum
+from gqa.train.decode import PeakMemory, peak_of_running_sum
+from gqa.train.evaluate import evaluate
 from tiny import save_tiny_llama
 
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
@@ -190,7 +191,7 @@ def test_kv_cache_bytes_match_hand_computation(full):
 def test_cpu_peak_memory_counts_tensors_exactly():
     assert peak_of_running_sum([4, 4, -4, 12, -12, 3]) == 16
     mib = 1 << 20
-    with _PeakMemory(torch.device("cpu")) as memory:
+    with PeakMemory(torch.device("cpu")) as memory:
         first = torch.empty(4 * mib, dtype=torch.uint8)
         second = torch.empty(4 * mib, dtype=torch.uint8)
         del first
