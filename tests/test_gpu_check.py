@@ -4,7 +4,6 @@ throughput measured, failures and the time budget reported instead of crashing t
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,15 +19,9 @@ SCRIPT = REPO / "bench" / "gpu_check.py"
 PARTS = ("cuda_tests", "train_ddp", "train_fsdp2", "train_zero3", "eval", "throughput")
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = load_script()
+sys.path.insert(0, str(REPO / "bench"))  # the check's modules, found as the script finds them
+import gpucheck_compare  # noqa: E402
+import gpucheck_throughput  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -170,29 +163,29 @@ def test_weight_comparison_sees_a_single_changed_value(tmp_path):
     (tmp_path / "base").mkdir()
     save_file(tensors, str(tmp_path / "base" / "model.safetensors"))
 
-    same = gpu_check.compare_weights(tmp_path / "base", tmp_path / "same")
+    same = gpucheck_compare.compare_weights(tmp_path / "base", tmp_path / "same")
     assert same == {"same_tensors": True, "bit_identical": True, "max_abs_diff": 0.0, "tensors": 2, "tensors_differing": 0}
-    nudged = gpu_check.compare_weights(tmp_path / "base", tmp_path / "nudged")
+    nudged = gpucheck_compare.compare_weights(tmp_path / "base", tmp_path / "nudged")
     assert not nudged["bit_identical"] and nudged["tensors_differing"] == 1
     assert nudged["max_abs_diff"] == pytest.approx(1e-7, rel=0.5)
-    renamed = gpu_check.compare_weights(tmp_path / "base", tmp_path / "renamed")
+    renamed = gpucheck_compare.compare_weights(tmp_path / "base", tmp_path / "renamed")
     assert not renamed["same_tensors"] and not renamed["bit_identical"]
-    assert not gpu_check.compare_weights(tmp_path / "base", tmp_path / "absent")["same_tensors"]
+    assert not gpucheck_compare.compare_weights(tmp_path / "base", tmp_path / "absent")["same_tensors"]
 
 
 def test_resume_is_judged_bit_for_bit_unless_uninterrupted_runs_differ_too():
     def cmp(diff):
         return {"same_tensors": True, "bit_identical": diff == 0, "max_abs_diff": diff}
 
-    assert gpu_check.resume_matches(cmp(0.0), None)
-    assert not gpu_check.resume_matches(cmp(1e-9), None)
-    assert not gpu_check.resume_matches(cmp(1e-9), cmp(0.0))  # deterministic runs: any difference is a fault
-    assert gpu_check.resume_matches(cmp(3e-6), cmp(1e-6))  # non-deterministic kernels: within 4x of run-to-run
-    assert not gpu_check.resume_matches(cmp(1e-4), cmp(1e-6))
+    assert gpucheck_compare.resume_matches(cmp(0.0), None)
+    assert not gpucheck_compare.resume_matches(cmp(1e-9), None)
+    assert not gpucheck_compare.resume_matches(cmp(1e-9), cmp(0.0))  # deterministic runs: any difference is a fault
+    assert gpucheck_compare.resume_matches(cmp(3e-6), cmp(1e-6))  # non-deterministic kernels: within 4x of run-to-run
+    assert not gpucheck_compare.resume_matches(cmp(1e-4), cmp(1e-6))
 
 
 def test_peak_flops_table_matches_device_names():
-    peak = gpu_check.peak_tflops_for
+    peak = gpucheck_throughput.peak_tflops_for
     assert peak("NVIDIA H200") == 989.0 and peak("NVIDIA H100 80GB HBM3") == 989.0
     assert peak("NVIDIA H100 PCIe") == 756.0 and peak("NVIDIA L40S") == 362.0 and peak("NVIDIA L4") == 121.0
     assert peak("NVIDIA A100-SXM4-80GB") == 312.0 and peak("Some New GPU") is None
