@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import typing
 
+from gqa.convert import gpt2
 from gqa.convert.convert import convert, read_source_config
 from gqa.convert.options import ConvertOptions, flag_of
 from gqa.convert.families import converts_to_gpt_bigcode, family_for, geometry_of
@@ -114,8 +115,6 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def inspect_gpt2(source_id: str, config) -> int:
     """What a GPT-2 source is and what it converts to: gpt_bigcode with one KV head."""
-    from gqa.convert import gpt2
-
     g = gpt2.geometry(config)
     print(f"{source_id}")
     print(f"  family        {gpt2.FAMILY_NAME} (model_type {config.model_type})")

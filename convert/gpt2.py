@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import GPTBigCodeConfig, PretrainedConfig
 
-from gqa.convert import convert as pipeline
+from gqa.convert import convert as pipeline  # the steps every conversion shares: finite checks, streaming, side files
 from gqa.convert.errors import GQAError
 from gqa.convert.families import Geometry
 from gqa.convert.heads import merge_stacked_rows
@@ -199,6 +199,7 @@ def convert_gpt2(src: Source, config: PretrainedConfig, staged: Path, options: C
     specs = plan(index, stored, out_config, cast)
     shape = geometry(config)
     view = BigCodeView(index, stored, shape, options.method, options.seed)
+    # Every output is a plain tensor of the plan, read from the view: no per-layer merge step.
     bytes_written = pipeline._write_tensors(specs, specs, view, staged, options.shard_size, merge_layer=None)
     out_config.save_pretrained(staged)
     pipeline._copy_side_files(src.path, staged, options.copy_tokenizer)

@@ -60,9 +60,12 @@ def converted(path) -> GPTBigCodeForCausalLM:
     return model.eval()
 
 
-@pytest.mark.parametrize("method", ["mean", "first"])
-def test_duplicated_kv_heads_convert_exactly(method, tmp_path):
-    source = tiny_gpt2(duplicated_kv=True)
+@pytest.mark.parametrize(
+    "method, overrides",
+    [("mean", {}), ("first", {}), ("mean", {"scale_attn_weights": False, "activation_function": "relu", "n_inner": 48})],
+)
+def test_duplicated_kv_heads_convert_exactly(method, overrides, tmp_path):
+    source = tiny_gpt2(duplicated_kv=True, **overrides)
     src = save_gpt2(source, tmp_path / "src")
     out = convert(str(src), tmp_path / "out", ConvertOptions(kv_heads=1, method=method)).out_dir
     torch.testing.assert_close(source_logits(converted(out)), source_logits(source), atol=1e-5, rtol=0)
@@ -72,7 +75,8 @@ def test_duplicated_kv_heads_convert_exactly(method, tmp_path):
 def test_output_loads_natively_as_gpt_bigcode_mqa(tied, tmp_path):
     source = tiny_gpt2(seed=1, tie_word_embeddings=tied)
     src = save_gpt2(source, tmp_path / "src")
-    result = convert(str(src), tmp_path / "out", ConvertOptions(kv_heads=1))
+    result = convert(str(src), tmp_path / "out", ConvertOptions(kv_heads=1, shard_size="20KB"))
+    assert len(list(result.out_dir.glob("model-*.safetensors"))) > 1
     model = converted(result.out_dir)
     assert type(model) is GPTBigCodeForCausalLM
     config = json.loads((result.out_dir / "config.json").read_text())
@@ -112,7 +116,7 @@ def test_cached_decoding_matches_full_forward(tmp_path):
     torch.testing.assert_close(torch.cat(decoded, dim=1), full, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["mean", "first"])
+@pytest.mark.parametrize("method", ["mean", "first", "random"])
 def test_tensors_are_carried_over_exactly_and_kv_heads_merged(method, tmp_path):
     source = tiny_gpt2(seed=3, tie_word_embeddings=False)
     src = save_gpt2(source, tmp_path / "src")
@@ -128,8 +132,29 @@ def test_tensors_are_carried_over_exactly_and_kv_heads_merged(method, tmp_path):
         assert torch.equal(new_q, q), name
         for merged, heads in ((new_k, k), (new_v, v)):
             heads = heads.reshape(HEADS, HEAD_DIM, *heads.shape[1:])
+            if method == "random":  # fresh draws at the source's scale, biases at zero
+                if name.endswith(".bias"):
+                    assert torch.equal(merged, torch.zeros_like(merged)), name
+                else:
+                    assert 0.5 < merged.std() / heads.std() < 2 and not torch.allclose(merged, heads.mean(0), atol=1e-3)
+                continue
             torch.testing.assert_close(merged, heads.mean(0) if method == "mean" else heads[0], atol=1e-7, rtol=0)
     assert set(after) == set(before)
+
+
+def test_a_bf16_source_keeps_its_dtype_or_takes_the_one_asked_for(tmp_path):
+    source = tiny_gpt2(seed=5).to(torch.bfloat16)
+    src = save_gpt2(source, tmp_path / "src")
+    kept = convert(str(src), tmp_path / "kept", ConvertOptions(kv_heads=1)).out_dir
+    cast = convert(str(src), tmp_path / "cast", ConvertOptions(kv_heads=1, dtype="fp32")).out_dir
+    assert json.loads((kept / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((cast / "config.json").read_text())["dtype"] == "float32"
+    assert {t.dtype for t in load_tensors(kept).values()} == {torch.bfloat16}
+    assert {t.dtype for t in load_tensors(cast).values()} == {torch.float32}
+    # The merged K head is computed in float32 and cast once: with fp32 output, it is not rounded to bf16.
+    k = source.state_dict()["transformer.h.0.attn.c_attn.weight"].T[HIDDEN : 2 * HIDDEN].float()
+    merged = load_tensors(cast)["transformer.h.0.attn.c_attn.weight"][HIDDEN : HIDDEN + HEAD_DIM]
+    torch.testing.assert_close(merged, k.reshape(HEADS, HEAD_DIM, HIDDEN).mean(0), atol=1e-7, rtol=0)
 
 
 def test_an_original_style_checkpoint_converts(tmp_path):
@@ -179,3 +204,14 @@ def test_inspect_shows_the_gpt_bigcode_target(tmp_path, capsys):
     src = save_gpt2(tiny_gpt2(scale_attn_by_inverse_layer_idx=True), tmp_path / "scaled")
     assert main(["inspect", str(src)]) == 0
     assert "cannot be converted" in capsys.readouterr().out
+
+
+def test_a_non_finite_value_in_a_head_that_merging_drops_is_still_named(tmp_path, capsys):
+    """`first` keeps head 0 alone, so a NaN in head 3's keys would vanish from the output: the source
+    tensor is checked before merging."""
+    source = tiny_gpt2(seed=6)
+    with torch.no_grad():
+        source.transformer.h[1].attn.c_attn.weight[0, HIDDEN + 3 * HEAD_DIM] = float("nan")
+    src = save_gpt2(source, tmp_path / "src")
+    flags = ["--kv-heads", 1, "--method", "first"]
+    assert_refused(["convert", src, tmp_path / "out", *flags], "transformer.h.1.attn.c_attn.weight contains NaN", capsys, tmp_path)
