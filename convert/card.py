@@ -78,7 +78,7 @@ def render_card(config: dict[str, Any], provenance: dict[str, Any], repo_id: str
     """The whole README.md; `repo_id` (set by `gqa publish`) goes into the loading snippet."""
     conv = provenance.get("conversion") or {}
     source = provenance.get("source") or {}
-    heads = config.get("num_attention_heads")
+    heads = config.get("num_attention_heads", config.get("n_head"))  # GPT-2-style configs (gpt_bigcode) say n_head
     kv_heads = config.get("num_key_value_heads") or heads
     src_kv = source.get("num_key_value_heads")
     front = yaml.safe_dump(card_metadata(config, provenance), sort_keys=False).strip()

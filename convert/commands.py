@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import typing
 
+from gqa.convert import gpt2
 from gqa.convert.convert import convert, read_source_config
 from gqa.convert.options import ConvertOptions, flag_of
-from gqa.convert.families import family_for, geometry_of
+from gqa.convert.families import converts_to_gpt_bigcode, family_for, geometry_of
 from gqa.convert.kvcache import human_bytes, kv_cache_bytes_per_token
 
 
@@ -86,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
 
 def run_inspect(args: argparse.Namespace) -> int:
     src, config = read_source_config(args.source)
+    if converts_to_gpt_bigcode(config.model_type):
+        return inspect_gpt2(src.id, config)
     family = family_for(config.model_type)
     g = geometry_of(config)
     print(f"{src.id}")
@@ -106,5 +109,32 @@ def run_inspect(args: argparse.Namespace) -> int:
     else:
         print("  legal --kv-heads: none (already one KV head)")
     for note in family.notes:
+        print(f"  note: {note}")
+    return 0
+
+
+def inspect_gpt2(source_id: str, config) -> int:
+    """What a GPT-2 source is and what it converts to: gpt_bigcode with one KV head."""
+    g = gpt2.geometry(config)
+    print(f"{source_id}")
+    print(f"  family        {gpt2.FAMILY_NAME} (model_type {config.model_type})")
+    print(f"  converts to   {gpt2.TARGET_MODEL_TYPE} ({gpt2.TARGET_ARCHITECTURE}, multi_query: one KV head)")
+    print(f"  layers        {g.layers}")
+    print(f"  query heads   {g.heads}")
+    print(f"  KV heads      {g.kv_heads}")
+    print(f"  head_dim      {g.head_dim}")
+    print(f"  positions     learned ({config.n_positions}); no rotary dims")
+    now = kv_cache_bytes_per_token(config)
+    print(f"  KV cache      {human_bytes(now)} per token now ({config.dtype or 'float32'})")
+    reasons = gpt2.unconvertible_options(config)
+    if reasons:
+        print("  legal --kv-heads: none; this model cannot be converted:")
+        for reason in reasons:
+            print(f"    {reason}")
+    else:
+        after = kv_cache_bytes_per_token(config, 1)
+        print("  legal --kv-heads (KV cache per token):")
+        print(f"    {1:>4}  {human_bytes(after)}  ({g.kv_heads:g}x smaller)")
+    for note in gpt2.NOTES:
         print(f"  note: {note}")
     return 0

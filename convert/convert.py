@@ -50,7 +50,9 @@ from gqa.convert.families import (
     Family,
     attention_layer,
     Geometry,
+    check_supported,
     check_target,
+    converts_to_gpt_bigcode,
     family_for,
     geometry_of,
     rotary_frequencies,
@@ -152,7 +154,10 @@ def read_source_config(source: str) -> tuple[Source, PretrainedConfig]:
 
 def converted_config(config: PretrainedConfig, kv_heads: int, allow_same: bool = False) -> PretrainedConfig:
     """The config of the model a conversion to `kv_heads` KV heads makes of a model with `config`; a G that
-    merging cannot reach is refused (check_target)."""
+    merging cannot reach is refused (check_target). A GPT-2 model becomes a gpt_bigcode one."""
+    if converts_to_gpt_bigcode(config.model_type):
+        from gqa.convert import gpt2  # built on this module's steps, so imported when used
+        return gpt2.bigcode_config(config, kv_heads)
     check_target(geometry_of(config), kv_heads, allow_same=allow_same)
     out = copy.deepcopy(config)
     out.num_key_value_heads = kv_heads
@@ -163,7 +168,7 @@ def load_config(model_dir: Path):
     if not (model_dir / CONFIG_FILE).is_file():
         raise GQAError(f"{model_dir} has no config.json; is it a transformers model directory?")
     raw = json.loads((model_dir / CONFIG_FILE).read_text())
-    family_for(raw.get("model_type", "(none)"))  # refuse unsupported families before anything heavy
+    check_supported(raw.get("model_type", "(none)"))  # refuse unsupported families before anything heavy
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except (ValueError, KeyError, OSError) as err:
@@ -289,6 +294,9 @@ def _check_finite(name: str, tensor: torch.Tensor) -> None:
 def _convert_into(src: Source, staged: Path, options: ConvertOptions) -> ConversionResult:
     """Check the source, plan the output, merge and stream every tensor, then the side files."""
     raw_config, config = load_config(src.path)
+    if converts_to_gpt_bigcode(config.model_type):
+        from gqa.convert.gpt2 import convert_gpt2  # built on this module's steps, so imported when used
+        return convert_gpt2(src, config, staged, options)
     family, geometry = family_for(config.model_type), geometry_of(config)
     out_config = converted_config(config, options.kv_heads, allow_same=options.allow_same)
     if options.method == "aligned" and family.qkv_clip(config) is not None:

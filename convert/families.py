@@ -214,14 +214,31 @@ def attention_layer(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+# GPT-2 has no num_key_value_heads and no entry in the family table: it converts to transformers'
+# gpt_bigcode (GPT-2's block with one shared KV head) by a plan of its own, gqa.convert.gpt2.
+GPT2_MODEL_TYPES = ("gpt2",)
+
+
+def converts_to_gpt_bigcode(model_type: str) -> bool:
+    """Whether a model converts by the GPT-2 -> gpt_bigcode plan rather than by the family table."""
+    return model_type in GPT2_MODEL_TYPES
+
+
+def check_supported(model_type: str) -> None:
+    """Refuse a model_type that no conversion supports."""
+    if not converts_to_gpt_bigcode(model_type):
+        family_for(model_type)
+
+
 def family_for(model_type: str) -> Family:
     for fam in FAMILIES:
         if model_type in fam.model_types:
             return fam
     supported = ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in FAMILIES)
     raise GQAError(
-        f"model_type '{model_type}' is not supported. Supported families: {supported}. "
-        "Models such as GPT-2, GPT-NeoX, OPT or Bloom have no num_key_value_heads in transformers, so a "
+        f"model_type '{model_type}' is not supported. Supported families: {supported}; and GPT-2 "
+        f"({'/'.join(GPT2_MODEL_TYPES)}), which converts to multi-query attention only (--kv-heads 1), as "
+        "gpt_bigcode. Models such as GPT-NeoX, OPT or Bloom have no num_key_value_heads in transformers, so a "
         "converted checkpoint could not load natively."
     )
 

@@ -153,8 +153,12 @@ def check_provenance(config, provenance: dict[str, Any] | None, report: CheckRep
     pairs = [
         ("conversion.kv_heads", conversion.get("kv_heads"), "num_key_value_heads", kv_heads),
         ("source.num_attention_heads", source.get("num_attention_heads"), "num_attention_heads", config.num_attention_heads),
-        ("source.model_type", source.get("model_type"), "model_type", config.model_type),
     ]
+    # A conversion that changes the architecture (GPT-2 to gpt_bigcode) records the model_type it wrote.
+    if conversion.get("model_type"):
+        pairs.append(("conversion.model_type", conversion["model_type"], "model_type", config.model_type))
+    else:
+        pairs.append(("source.model_type", source.get("model_type"), "model_type", config.model_type))
     for prov_key, prov_value, config_key, config_value in pairs:
         if prov_value is not None and prov_value != config_value:
             report.problems.append(

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tiny import build_family_model, save_model
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import OPTConfig, OPTForCausalLM
 
 from gqa.train.cli import main
 
@@ -125,10 +125,11 @@ def test_out_overlapping_source(source, tmp_path, capsys, where):
 
 
 def test_unsupported_family_lists_supported(tmp_path, capsys):
-    config = GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64)
-    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
-    code, err = run_cli(["convert", tmp_path / "gpt2", tmp_path / "out", "--kv-heads", 1], capsys)
-    assert code != 0 and "'gpt2' is not supported" in err and "Llama" in err and "Phi-3" in err
+    config = OPTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, ffn_dim=64, vocab_size=64,
+                       word_embed_proj_dim=32)  # fmt: skip
+    OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
+    code, err = run_cli(["convert", tmp_path / "opt", tmp_path / "out", "--kv-heads", 1], capsys)
+    assert code != 0 and "'opt' is not supported" in err and "Llama" in err and "Phi-3" in err and "GPT-2" in err
     assert_nothing_written(tmp_path, tmp_path / "out")
 
 
