@@ -18,6 +18,11 @@ from gqa.convert.errors import GQAError
 from gqa.convert.kvcache import head_dim_of, kv_heads_of
 
 
+LAYER_PREFIX = "model.layers.{i}."  # where each decoder layer's tensors live
+ATTENTION_MODULE = "self_attn"  # the layer's attention block
+ATTENTION_PREFIX = f"{LAYER_PREFIX}{ATTENTION_MODULE}."
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -47,6 +52,9 @@ class Family:
     clip_config: str | None = None
     # What a user should know about this family's conversion (shown by `gqa inspect` and the docs).
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # Where each decoder layer's tensors and its attention block live, in the model's parameter names.
+    layer_prefix: str = LAYER_PREFIX
+    attention_prefix: str = ATTENTION_PREFIX
 
     def role(self, rel: str) -> str:
         """How a merge treats an attention tensor: "norm" (q/k norms), "bias" or "weight"."""
@@ -202,9 +210,6 @@ FAMILIES += (
     ),
 )
 
-LAYER_PREFIX = "model.layers.{i}."  # where each decoder layer's tensors live
-ATTENTION_MODULE = "self_attn"  # the layer's attention block
-ATTENTION_PREFIX = f"{LAYER_PREFIX}{ATTENTION_MODULE}."
 _ATTENTION_NAME = re.compile(re.escape(ATTENTION_PREFIX).replace(r"\{i\}", r"(\d+)"))
 
 
@@ -217,6 +222,27 @@ def attention_layer(name: str) -> int | None:
 # GPT-2 has no num_key_value_heads and no entry in the family table: it converts to transformers'
 # gpt_bigcode (GPT-2's block with one shared KV head) by a plan of its own, gqa.convert.gpt2.
 GPT2_MODEL_TYPES = ("gpt2",)
+
+
+# What gpt_bigcode (the GPT-2 conversion's output) looks like to training: q, k and v fused in c_attn as
+# [Q | K | V], the output projection c_proj, in GPT-2's layout. It converts no further (one KV head), so it is
+# no entry of FAMILIES; train.params and LoRA read it here.
+GPT_BIGCODE = Family(
+    "GPTBigCode",
+    ("gpt_bigcode",),
+    kv_stacked=(),
+    fused_qkv=("c_attn.weight",),
+    q_stacked=(),
+    o_proj="c_proj.weight",
+    layer_prefix="transformer.h.{i}.",
+    attention_prefix="transformer.h.{i}.attn.",
+    notes=("c_attn is fused as [Q | K | V] with one K and one V head",),
+)
+
+
+def trained_family_for(model_type: str) -> Family:
+    """The layout of a model gqa trains: a family of the table, or gpt_bigcode, which the GPT-2 conversion writes."""
+    return GPT_BIGCODE if model_type in GPT_BIGCODE.model_types else family_for(model_type)
 
 
 def converts_to_gpt_bigcode(model_type: str) -> bool:

@@ -215,3 +215,44 @@ def test_a_non_finite_value_in_a_head_that_merging_drops_is_still_named(tmp_path
     src = save_gpt2(source, tmp_path / "src")
     flags = ["--kv-heads", 1, "--method", "first"]
     assert_refused(["convert", src, tmp_path / "out", *flags], "transformer.h.1.attn.c_attn.weight contains NaN", capsys, tmp_path)
+
+
+def test_the_output_uptrains_with_attention_alone_or_lora(tmp_path):
+    """train.params and LoRA find gpt_bigcode's attention: c_attn (q, k and v fused) and the attention's c_proj,
+    never the MLP's c_proj; kv alone is refused, since one matrix holds the queries too."""
+    from gqa.convert.errors import GQAError
+    from gqa.train.params import lora_plan, trainable_names
+    from gqa.train.recipe import LoraSection
+
+    out = tmp_path / "mqa"
+    convert(str(save_gpt2(tiny_gpt2(), tmp_path / "gpt2")), out, ConvertOptions(kv_heads=1))
+    model = converted(out)
+    attention = {name for name, _ in model.named_parameters() if ".attn." in name}
+    assert attention and trainable_names(model, "attention") == attention
+    with pytest.raises(GQAError, match="fuses queries, keys and values"):
+        trainable_names(model, "kv")
+    adapted, full = lora_plan(model, LoraSection())
+    assert adapted == [f"transformer.h.{i}.attn.c_proj" for i in range(LAYERS)]
+    assert full == [f"transformer.h.{i}.attn.c_attn" for i in range(LAYERS)]
+    adapted, full = lora_plan(model, LoraSection(train_kv=False))
+    assert sorted(adapted) == sorted(f"transformer.h.{i}.attn.{m}" for i in range(LAYERS) for m in ("c_attn", "c_proj"))
+    assert full == []
+
+
+def test_a_training_run_on_the_output_changes_only_its_attention(tmp_path):
+    from gqa.train.api import run_recipe
+
+    out = tmp_path / "mqa"
+    convert(str(save_gpt2(tiny_gpt2(), tmp_path / "gpt2")), out, ConvertOptions(kv_heads=1))
+    text = tmp_path / "train.txt"
+    text.write_text("\n\n".join(f"paragraph {i}: " + "abcdefgh " * (8 + i % 5) for i in range(60)) + "\n")
+    run_recipe("tiny-cpu", [
+        f"model.path={out}", f"data.train={text}", f"data.cache_dir={tmp_path / 'cache'}",
+        f"output.dir={tmp_path / 'trained'}", "precision=fp32", "logging.trackers=[]", "train.params=attention",
+        "budget.steps=2", "data.block_size=32", "batch.global_sequences=4", "batch.micro=2", "eval.every=0",
+        "eval.at_start=false", "checkpoint.every=0", "optimizer.lr=1e-2",
+    ])  # fmt: skip
+    before, after = load_tensors(out), load_tensors(tmp_path / "trained")
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(".attn." in name for name in changed)
+    assert converted(tmp_path / "trained").config.multi_query

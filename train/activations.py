@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from gqa.convert.errors import GQAError
-from gqa.convert.families import LAYER_PREFIX
+from gqa.convert.families import trained_family_for
 from gqa.convert.modeldir import DTYPES, config_dtype
 from gqa.train.params import apply_lora, trainable_names, weights_dtype
 from gqa.train.recipe import Recipe, model_directory
@@ -205,7 +205,8 @@ def _micro_batch_loss(model, teacher, tokens, predicted: int, autocast_dtype, di
 
 def _layer_sizes(model: torch.nn.Module) -> tuple[int, int]:
     """(parameters of the largest decoder layer, parameters outside the layers), from the family layout."""
-    pattern = re.compile(r"(?:^|\.)" + re.escape(LAYER_PREFIX).replace(r"\{i\}", r"(\d+)"))
+    prefix = trained_family_for(model.config.model_type).layer_prefix
+    pattern = re.compile(r"(?:^|\.)" + re.escape(prefix).replace(r"\{i\}", r"(\d+)"))
     per_layer: dict[int, int] = {}
     outside = 0
     for name, param in model.named_parameters():

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from gqa.convert.errors import GQAError
-from gqa.convert.families import ATTENTION_PREFIX, Family, family_for
+from gqa.convert.families import Family, trained_family_for
 
 if TYPE_CHECKING:
     from gqa.train.recipe import LoraSection
@@ -35,7 +35,7 @@ def trainable_names(model: nn.Module, which: str) -> set[str]:
         raise GQAError("train.params=lora: the adapters are built by gqa.train.params.apply_lora, not chosen by name")
     if which not in ("attention", "kv"):
         raise GQAError(f"train.params={which}: not supported by this build; use all, attention, kv or lora")
-    family = family_for(model.config.model_type)
+    family = trained_family_for(model.config.model_type)
     if which == "kv" and family.fused_qkv:
         raise GQAError(
             f"train.params=kv: {family.name} fuses queries, keys and values into one '{family.fused_qkv[0]}' matrix, "
@@ -43,7 +43,7 @@ def trainable_names(model: nn.Module, which: str) -> set[str]:
         )
     prefixes = []
     for layer in range(model.config.num_hidden_layers):
-        attention = ATTENTION_PREFIX.format(i=layer)
+        attention = family.attention_prefix.format(i=layer)
         prefixes += [attention] if which == "attention" else [f"{attention}{module}." for module in family.kv_modules]
     chosen = {name for name in names if name.startswith(tuple(prefixes))}
     if not chosen:
@@ -98,12 +98,12 @@ def default_targets(family: Family, train_kv: bool) -> tuple[str, ...]:
 
 def lora_plan(model: nn.Module, lora: LoraSection) -> tuple[list[str], list[str]]:
     """(modules that get adapters, modules that train fully), as full module names of `model`."""
-    family = family_for(model.config.model_type)
+    family = trained_family_for(model.config.model_type)
     modules = dict(model.named_modules())
     layers = range(model.config.num_hidden_layers)
 
     def in_attention(names) -> list[str]:
-        found = [f"{ATTENTION_PREFIX.format(i=i)}{m}" for i in layers for m in names]
+        found = [f"{family.attention_prefix.format(i=i)}{m}" for i in layers for m in names]
         return [name for name in found if name in modules]
 
     full = in_attention(kv_modules(family)) if lora.train_kv else []
@@ -159,7 +159,7 @@ def apply_lora(model: nn.Module, lora: LoraSection, trainable_dtype: torch.dtype
         if param.requires_grad and param.dtype != trainable_dtype:
             param.data = param.data.to(trainable_dtype)
     if full:
-        family = family_for(model.config.model_type)
+        family = trained_family_for(model.config.model_type)
         if family.fused_qkv:
             logger.info("train.lora.train_kv: %s fuses q, k and v in %s, which trains fully (its query rows too)",
                         family.name, ", ".join(kv_modules(family)))
