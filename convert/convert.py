@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -26,6 +27,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from gqa.convert import __version__
 from gqa.convert.card import write_model_card
+from gqa.convert.diskspace import check_free_space, disk_full_is_an_error
 from gqa.convert.modeldir import (
     BIN_INDEX,
     CARD_FILE,
@@ -124,10 +126,12 @@ def _convert_locked(source: str, out: Path, options: ConvertOptions) -> Conversi
     staged = work / "out"
     staged.mkdir(parents=True)
     try:
-        src = resolve_source(source, work)
-        result = _convert_into(src, staged, options)
-        apply_umask(staged)
-        _move_into_place(staged, out, work)
+        # Inside the try: the staging directory goes (finally) only after a full disk has been recognised.
+        with disk_full_is_an_error(out.parent, f"the converted model {out}", "nothing was left behind"):
+            src = resolve_source(source, work)
+            result = _convert_into(src, staged, out, options)
+            apply_umask(staged)
+            _move_into_place(staged, out, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return result
@@ -291,7 +295,7 @@ def _check_finite(name: str, tensor: torch.Tensor) -> None:
             )
 
 
-def _convert_into(src: Source, staged: Path, options: ConvertOptions) -> ConversionResult:
+def _convert_into(src: Source, staged: Path, out: Path, options: ConvertOptions) -> ConversionResult:
     """Check the source, plan the output, merge and stream every tensor, then the side files."""
     raw_config, config = load_config(src.path)
     if converts_to_gpt_bigcode(config.model_type):
@@ -313,6 +317,14 @@ def _convert_into(src: Source, staged: Path, options: ConvertOptions) -> Convers
     cast = DTYPES[options.dtype]
     plan = build_plan(index, source_tensors.shapes, meta_tensors(out_config, index.tensors).shapes, cast)
 
+    specs = [s for item in plan for s in (item.outputs if isinstance(item, AttentionUnit) else [item])]
+    if not options.skip_space_check:
+        check_free_space(
+            out.parent, _bytes_needed(plan, specs, src.path, options), f"the converted model {out}",
+            "free some space there, write OUT somewhere else, or pass --skip-space-check if the file system "
+            "stores more than it reports free (compression)",
+        )
+
     groups_per_layer: dict[int, list[list[int]]] = {}
     if options.method == "aligned":
         files, aligned_groups = _aligned_pass(src, index, config, out_config, family, geometry, options, staged)
@@ -329,7 +341,6 @@ def _convert_into(src: Source, staged: Path, options: ConvertOptions) -> Convers
             groups_per_layer[unit.layer] = groups = _groups_for(tensors, family, geometry, options, None)
             return merge_attention_unit(tensors, family, geometry, groups, options.method, generator)
 
-    specs = [s for item in plan for s in (item.outputs if isinstance(item, AttentionUnit) else [item])]
     bytes_written = _write_tensors(plan, specs, index, staged, options.shard_size, merge_layer)
     _write_config(raw_config, staged, options.kv_heads, cast)
     _copy_side_files(src.path, staged, options.copy_tokenizer)
@@ -461,7 +472,22 @@ def _write_config(raw: dict, staged: Path, kv_heads: int, cast: torch.dtype | No
     (staged / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _copy_side_files(src: Path, staged: Path, copy_tokenizer: bool) -> None:
+def _bytes_needed(plan, specs: list[TensorSpec], src: Path, options: ConvertOptions) -> int:
+    """What the conversion writes beside OUT at its peak: the shards (tensors and a header entry each), the
+    copied side files and, for --method aligned, the merged layers it keeps in float32 until the shards are
+    written. The config, index, card and provenance are small: check_free_space's slack covers them."""
+    needed = sum(s.nbytes + 128 + len(s.name) for s in specs)
+    needed += sum(p.stat().st_size for p in _side_files(src, options.copy_tokenizer))
+    if options.method == "aligned":
+        units = [item for item in plan if isinstance(item, AttentionUnit)]
+        needed += sum(math.prod(s.shape) * 4 for unit in units for s in unit.outputs)
+    return needed
+
+
+def _side_files(src: Path, copy_tokenizer: bool) -> list[Path]:
+    """The source's files OUT gets a copy of: all but the weights, the files the conversion writes, hidden ones
+    and, without copy_tokenizer, the tokenizer's."""
+    found = []
     for path in sorted(src.iterdir()):
         if not path.is_file() or path.name in NOT_COPIED or path.name.startswith("."):
             continue
@@ -469,6 +495,12 @@ def _copy_side_files(src: Path, staged: Path, copy_tokenizer: bool) -> None:
             continue
         if not copy_tokenizer and TOKENIZER_FILE.match(path.name):
             continue
+        found.append(path)
+    return found
+
+
+def _copy_side_files(src: Path, staged: Path, copy_tokenizer: bool) -> None:
+    for path in _side_files(src, copy_tokenizer):
         shutil.copy2(path, staged / path.name)
 
 

@@ -87,8 +87,12 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write a file so that a reader sees the old content or the new, never a part of it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a write cut short (a full disk) leaves no stray file beside `path`
+        raise
     return path
 
 
@@ -166,10 +170,11 @@ def read_provenance(model_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def write_provenance(model_dir: str | Path, provenance: dict[str, Any]) -> Path:
+def write_provenance(model_dir: str | Path, provenance: dict[str, Any], final_dir: str | Path | None = None) -> Path:
     """Write the provenance with every local path made public (public_record): relative to the model
-    directory inside it, by name outside it."""
-    public = public_record(provenance, model_dir)
+    directory inside it, by name outside it. `final_dir`: the directory the model will be moved to, when
+    `model_dir` is where it is staged."""
+    public = public_record(provenance, final_dir or model_dir)
     return write_text_atomic(Path(model_dir) / PROVENANCE_FILE, json.dumps(public, indent=2) + "\n")
 
 

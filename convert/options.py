@@ -117,6 +117,11 @@ class ConvertOptions(BaseModel):
         description="where --method aligned runs its calibration pass: auto (the GPU when torch sees one, "
         "else the CPU), cpu, cuda or cuda:N",
     )
+    skip_space_check: bool = Field(
+        False,
+        description="write even when OUT's file system reports less free space than the output needs (as a "
+        "compressing one may); a disk that fills up still stops the conversion and leaves nothing behind",
+    )
     allow_same: Annotated[bool, Flag(cli=False)] = Field(
         False, description="allow G equal to the source's KV heads: an identity conversion"
     )

@@ -30,6 +30,7 @@ FLAGS = {
     "refine_lr": "--refine-lr",
     "refine_batch": "--refine-batch",
     "device": "--device",
+    "skip_space_check": "--skip-space-check",
 }
 LIBRARY_ONLY = {"allow_same"}
 
@@ -112,13 +113,13 @@ def test_every_flag_reaches_its_field(source, tmp_path, captured):
     flags = ["--kv-heads", "1", "--method", "aligned", "--dtype", "bf16", "--shard-size", "20MB",
              "--no-copy-tokenizer", "--force", "--seed", "7", "--grouping", "similarity", "--calibration", "c.txt",
              "--calibration-sequences", "16", "--calibration-length", "64", "--refine-steps", "3",
-             "--refine-lr", "0.01", "--refine-batch", "2", "--device", "cpu"]  # fmt: skip
+             "--refine-lr", "0.01", "--refine-batch", "2", "--device", "cpu", "--skip-space-check"]  # fmt: skip
     with pytest.raises(stop):
         main(["convert", str(source), str(tmp_path / "out"), *flags])
     expected = ConvertOptions(
         kv_heads=1, method="aligned", dtype="bf16", shard_size=20_000_000, copy_tokenizer=False, force=True, seed=7,
         grouping="similarity", calibration="c.txt", calibration_sequences=16, calibration_length=64, refine_steps=3,
-        refine_lr=0.01, refine_batch=2, device="cpu",
+        refine_lr=0.01, refine_batch=2, device="cpu", skip_space_check=True,
     )  # fmt: skip
     assert seen == [expected]
     changed = {name for name in ConvertOptions.model_fields if getattr(expected, name) != getattr(ConvertOptions(kv_heads=2), name)}

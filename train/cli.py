@@ -8,6 +8,7 @@ modules are imported only when their subcommand runs, so `gqa --help` stays fast
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -63,7 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # a full disk, a read-only or vanished directory: the system's own words
         if args.debug:
             raise
-        print(f"gqa {args.command}: error: {err} (--debug shows where)", file=sys.stderr)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk (or quota) in a write no command names itself
+            where = f" writing {err.filename}" if err.filename else ""
+            print(f"gqa {args.command}: error: no space left on the device{where}; free some space and run the "
+                  "same command again (--debug shows where)", file=sys.stderr)
+        else:
+            print(f"gqa {args.command}: error: {err} (--debug shows where)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"gqa {args.command}: interrupted", file=sys.stderr)

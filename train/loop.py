@@ -36,16 +36,15 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, get_scheduler
 
 from gqa.convert import __version__
-from gqa.convert.card import write_model_card
 from gqa.convert import outputlock
 from gqa.convert.errors import GQAError
 from gqa.convert.perplexity import perplexity, summed_loss
 from gqa.convert.modeldir import (
-    DTYPES, apply_umask, config_dtype, dtype_name, from_pretrained_args, looks_like_hub_id, now, provenance_of,
-    write_provenance,
+    DTYPES, apply_umask, config_dtype, from_pretrained_args, looks_like_hub_id, now, provenance_of,
 )
 from gqa.train import rundir
 from gqa.train.dataset import PreparedData, make_collate, prepare_data, training_order
+from gqa.train.finalmodel import cast_state_dict, save_final_model
 from gqa.train.stream import StreamLoader
 from gqa.train.losses import IGNORE_INDEX, distillation_loss
 from gqa.train.memory import check_run
@@ -104,8 +103,11 @@ def train(recipe: Recipe, recipe_file: str | None = None, check_memory: bool = T
     state = PartialState(cpu=use_cpu)
     existed = Path(recipe.output.dir).exists()
     lock = _lock_output(recipe, state)  # before the output dir is read: its checkpoints are this run's alone
+    output_dir = Path(recipe.output.dir)
     try:
-        return _train_locked(recipe, recipe_file, check_memory, state, use_cpu)
+        # Checkpoints and the final model say what they were writing themselves; this names any other write.
+        with rundir.disk_full_stops_run(output_dir, f"the run's files in {output_dir}"):
+            return _train_locked(recipe, recipe_file, check_memory, state, use_cpu)
     finally:
         if lock is not None:
             outputlock.release(*lock)
@@ -589,13 +591,14 @@ class _Run:
         if self.main:
             rundir.clear_partial(self.output_dir)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(partial))
-        self.accelerator.wait_for_everyone()
-        if self.main:
-            path = rundir.complete_checkpoint(partial, step, self.progress.tokens_seen)
-            apply_umask(path)  # accelerate's save_state writes some files 0600
-            rundir.prune_checkpoints(self.output_dir, self.recipe.checkpoint.keep)
-            logger.info("step %d: checkpoint %s", step, path)
+        with rundir.disk_full_stops_checkpoint(self.output_dir, step, partial):  # the ones before it stay as they are
+            self.accelerator.save_state(str(partial))
+            self.accelerator.wait_for_everyone()
+            if self.main:
+                path = rundir.complete_checkpoint(partial, step, self.progress.tokens_seen)
+                apply_umask(path)  # accelerate's save_state writes some files 0600
+                rundir.prune_checkpoints(self.output_dir, self.recipe.checkpoint.keep)
+                logger.info("step %d: checkpoint %s", step, path)
         self.accelerator.wait_for_everyone()
 
     # --- the result ----------------------------------------------------------------------------
@@ -613,20 +616,11 @@ class _Run:
             unwrapped = accelerator.unwrap_model(self.model)
         if self.main:
             out_dtype = _output_dtype(recipe)
-            state_dict = _cast_state_dict(state_dict, out_dtype)
             unwrapped.config.use_cache = True
-            unwrapped.save_pretrained(
-                self.output_dir, state_dict=state_dict, max_shard_size=recipe.output.max_shard_size, is_main_process=True
-            )
-            # save_pretrained records the in-memory (fp32) dtype; the files hold out_dtype.
-            unwrapped.config.dtype = dtype_name(out_dtype)
-            unwrapped.config.save_pretrained(self.output_dir)
-            tokenizer_dir = recipe.model.tokenizer or recipe.model.path
-            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(self.output_dir)
             provenance = provenance_of(recipe.model.path, unwrapped.config)
             provenance["training"] = self._training_record(final_eval)
-            write_provenance(self.output_dir, provenance)
-            write_model_card(self.output_dir)
+            save_final_model(self.output_dir, unwrapped, cast_state_dict(state_dict, out_dtype), out_dtype,
+                             recipe.output.max_shard_size, recipe.model.tokenizer or recipe.model.path, provenance)
             rundir.write_run_file(
                 self.output_dir, recipe, self.recipe_file, status="finished", steps=self.progress.step,
                 tokens_seen=self.progress.tokens_seen, final_eval=final_eval,
@@ -848,21 +842,6 @@ def _output_dtype(recipe: Recipe) -> torch.dtype:
     if recipe.output.dtype != "auto":
         return DTYPES[recipe.output.dtype]
     return config_dtype(AutoConfig.from_pretrained(recipe.model.path), torch.float32)
-
-
-def _cast_state_dict(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Cast floating tensors, keeping tied ones (one storage, two names) tied, so they are saved once."""
-    cast: dict[tuple, torch.Tensor] = {}
-    result = {}
-    for name, tensor in state_dict.items():
-        if not tensor.is_floating_point():
-            result[name] = tensor
-            continue
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
-        if key not in cast:
-            cast[key] = tensor.to(dtype)
-        result[name] = cast[key]
-    return result
 
 
 def _tracker_config(recipe: Recipe, plan: TrainingPlan) -> dict[str, Any]:

@@ -6,6 +6,7 @@ be rebuilt from `eval.json` alone. Plots use matplotlib's Agg backend: no displa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -18,6 +19,7 @@ matplotlib.use("Agg")  # before pyplot: headless machines and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
+from gqa.convert.diskspace import disk_full_is_an_error, remove  # noqa: E402
 from gqa.convert.kvcache import human_bytes  # noqa: E402
 from gqa.convert.modeldir import apply_umask  # noqa: E402
 
@@ -290,24 +292,51 @@ def _write_figure(fig, path: Path) -> Path | None:
     return path
 
 
+REPORT_FILES = {"markdown": "eval.md", "quality_vs_kv": "quality_vs_kv.png", "tasks": "tasks.png",
+                "decode_speed": "decode_speed.png", "training_curves": "training_curves.png", "recovery": "recovery.png",
+                "json": "eval.json"}  # fmt: skip
+
+
 def write_report(results: dict[str, Any], report_dir: str | Path, metrics: list[dict[str, Any]] | None) -> dict[str, str]:
-    """Write eval.json, eval.md and the PNG plots into report_dir; return {kind: path}."""
+    """Write eval.json, eval.md and the PNG plots into report_dir; return {kind: path}. On a full disk the files
+    this report began are removed (a report cut short is no report) and GQAError names report_dir; its message
+    carries the scores' table, so the evaluation's result is not lost with the report."""
     report_dir = Path(report_dir)
-    report_dir.mkdir(parents=True, exist_ok=True)
-    files: dict[str, str] = {}
-    (report_dir / "eval.md").write_text(markdown_table(results) + "\n")
-    files["markdown"] = str(report_dir / "eval.md")
-    plots = {
-        "quality_vs_kv": plot_quality_vs_kv(results, report_dir / "quality_vs_kv.png") if results.get("data") else None,
-        "tasks": plot_tasks(results, report_dir / "tasks.png"),
-        "decode_speed": plot_decode_speed(results, report_dir / "decode_speed.png"),
-        "training_curves": plot_training_curves(metrics, report_dir / "training_curves.png") if metrics else None,
-        "recovery": plot_recovery(metrics, report_dir / "recovery.png") if metrics else None,
-    }
-    files.update({kind: str(p) for kind, p in plots.items() if p is not None})
-    files["json"] = str(report_dir / "eval.json")
-    # eval.json is written last so that it lists every file the report holds.
-    (report_dir / "eval.json").write_text(json.dumps({**results, "report_files": files}, indent=2) + "\n")
-    for path in files.values():
-        apply_umask(path)
+    created = not report_dir.exists()
+    path = {kind: report_dir / name for kind, name in REPORT_FILES.items()}
+    begun: list[Path] = []
+
+    def cut_short() -> None:
+        for file in begun:
+            remove(file)
+        if created:
+            with contextlib.suppress(OSError):
+                report_dir.rmdir()
+
+    then = "nothing of the report was kept; the scores were:\n" + markdown_table(results)
+    with disk_full_is_an_error(report_dir, f"the eval report {report_dir}", then, cleanup=cut_short):
+        report_dir.mkdir(parents=True, exist_ok=True)
+        files: dict[str, str] = {}
+        begun.append(path["markdown"])
+        path["markdown"].write_text(markdown_table(results) + "\n")
+        files["markdown"] = str(path["markdown"])
+        plots = {
+            "quality_vs_kv": lambda p: plot_quality_vs_kv(results, p) if results.get("data") else None,
+            "tasks": lambda p: plot_tasks(results, p),
+            "decode_speed": lambda p: plot_decode_speed(results, p),
+            "training_curves": lambda p: plot_training_curves(metrics, p) if metrics else None,
+            "recovery": lambda p: plot_recovery(metrics, p) if metrics else None,
+        }
+        for kind, plot in plots.items():
+            begun.append(path[kind])
+            if plot(path[kind]) is None:  # nothing to draw: no file written
+                begun.pop()
+            else:
+                files[kind] = str(path[kind])
+        files["json"] = str(path["json"])
+        # eval.json is written last so that it lists every file the report holds.
+        begun.append(path["json"])
+        path["json"].write_text(json.dumps({**results, "report_files": files}, indent=2) + "\n")
+    for file in files.values():
+        apply_umask(file)
     return files

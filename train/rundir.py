@@ -7,6 +7,7 @@
       logs/                     tracker files (tensorboard)
       checkpoints/step-00000100/  accelerate save_state + gqa_checkpoint.json (written last)
       checkpoints/.step-00000100.partial/  a checkpoint being written; renamed to step-00000100 once complete
+      .final.partial/           the trained model being written; its files are moved up once all are written
       config.json, model*.safetensors, tokenizer, README.md, gqa_provenance.json   (the final model)
 """
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gqa.convert.diskspace import disk_full_is_an_error, remove
 from gqa.convert.errors import GQAError
 from gqa.convert.modeldir import write_text_atomic
 from gqa.train.recipe import Recipe, flat_items
@@ -29,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 RUN_FILE = "gqa_run.json"
 LOCK_FILE = ".gqa.lock"
+FINAL_STAGING = ".final.partial"
 CHECKPOINT_MARKER = "gqa_checkpoint.json"  # written after save_state finished: its presence means complete
 SMALL_FILE_BYTES = 64 * 2**20  # torch/pickle files up to this size are loaded whole to check them
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
@@ -79,6 +82,38 @@ def clear_partial(output_dir: Path) -> None:
     leftovers = [*root.glob(".step-*.partial"), *(p for p in root.glob("step-*") if read_checkpoint(p) is None)]
     for path in leftovers:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def final_staging_path(output_dir: Path) -> Path:
+    """Where the trained model is written before it is complete: a hidden folder nothing reads as a model."""
+    return output_dir / FINAL_STAGING
+
+
+def move_final_model(staging: Path, output_dir: Path) -> None:
+    """Move the staged model's files into output_dir, config.json last: a model directory without it is no
+    model, so a process stopped among the renames leaves nothing that loads or looks finished."""
+    files = sorted(staging.iterdir(), key=lambda p: (p.name == "config.json", p.name))
+    for path in files:
+        os.replace(path, output_dir / path.name)
+    staging.rmdir()
+
+
+def disk_full_stops_run(output_dir: Path, what: str, cleanup=None):
+    """A context in which a full disk stops the run with a GQAError naming `what` and the checkpoint it resumes from."""
+    return disk_full_is_an_error(output_dir, what, lambda: resume_note(output_dir), cleanup)
+
+
+def disk_full_stops_checkpoint(output_dir: Path, step: int, partial: Path):
+    """The context of writing checkpoint `step` into `partial`: a full disk removes the partial checkpoint."""
+    return disk_full_stops_run(output_dir, f"checkpoint {checkpoint_path(output_dir, step)}", lambda: remove(partial))
+
+
+def resume_note(output_dir: Path) -> str:
+    """What a run stopped now continues from when it is started again: for the message that stops it."""
+    found = complete_checkpoints(output_dir)
+    if not found:
+        return "no checkpoint was saved yet, so the run starts over"
+    return f"it resumes from {found[-1].path} (step {found[-1].step}), which is intact"
 
 
 def complete_checkpoint(partial: Path, step: int, tokens_seen: int) -> Path:
