@@ -17,25 +17,16 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 from transformers import AutoConfig, PretrainedConfig
 
-from gqa.convert import __version__
 from gqa.convert.card import write_model_card
-from gqa.convert.diskspace import check_free_space, disk_full_is_an_error
+from gqa.convert.diskspace import disk_full_is_an_error
 from gqa.convert.modeldir import (
-    BIN_INDEX,
-    CARD_FILE,
     CONFIG_FILE,
-    PROVENANCE_FILE,
-    SAFETENSORS_INDEX,
-    TOKENIZER_FILE,
-    WEIGHT_SUFFIXES,
     CheckpointIndex,
     Source,
     directory_is_inside,
@@ -47,6 +38,8 @@ from gqa.convert.modeldir import (
     write_provenance,
 )
 from gqa.convert.errors import GQAError
+from gqa.convert.gpt2 import bigcode_config, convert_gpt2
+from gqa.convert.steps import ConversionResult, check_finite, check_space, copy_side_files, provenance, read_finite, write_tensors
 from gqa.convert.families import (
     ATTENTION_PREFIX,
     Family,
@@ -65,27 +58,9 @@ from gqa.convert.heads import contiguous_groups, merge_per_head, merge_stacked_r
 from gqa.convert.kvcache import kv_cache_bytes_per_token
 from gqa.convert.options import DTYPES, ConvertOptions
 from gqa.convert.outputlock import output_lock
-from gqa.convert.writer import ShardedSafetensorsWriter, TensorSpec
+from gqa.convert.writer import TensorSpec
 
 log = logging.getLogger(__name__)
-
-# Files the conversion writes itself, or that describe the source's weights only.
-NOT_COPIED = {CONFIG_FILE, CARD_FILE, SAFETENSORS_INDEX, BIN_INDEX, PROVENANCE_FILE}
-
-
-@dataclass
-class ConversionResult:
-    out_dir: Path
-    source: Source
-    family: str
-    geometry: Geometry
-    kv_heads: int
-    kv_bytes_per_token_before: int
-    kv_bytes_per_token_after: int
-    tensors_written: int
-    bytes_written: int
-    seconds: float
-    dropped: list[str] = field(default_factory=list)  # tensors the model does not define, not written
 
 
 def check_output_location(source: str, out: Path, force: bool) -> None:
@@ -160,8 +135,7 @@ def converted_config(config: PretrainedConfig, kv_heads: int, allow_same: bool =
     """The config of the model a conversion to `kv_heads` KV heads makes of a model with `config`; a G that
     merging cannot reach is refused (check_target). A GPT-2 model becomes a gpt_bigcode one."""
     if converts_to_gpt_bigcode(config.model_type):
-        from gqa.convert import gpt2  # built on this module's steps, so imported when used
-        return gpt2.bigcode_config(config, kv_heads)
+        return bigcode_config(config, kv_heads)
     check_target(geometry_of(config), kv_heads, allow_same=allow_same)
     out = copy.deepcopy(config)
     out.num_key_value_heads = kv_heads
@@ -284,23 +258,11 @@ def merge_attention_unit(
     return merged
 
 
-def _check_finite(name: str, tensor: torch.Tensor) -> None:
-    # A sum is NaN/inf whenever an element is, and costs one pass with no copy (torch accumulates
-    # half-precision sums in float32); only when it is not finite (or overflowed) is the exact,
-    # allocating check needed.
-    if tensor.is_floating_point() and not torch.isfinite(tensor.sum()):
-        if not torch.isfinite(tensor).all():
-            raise GQAError(
-                f"tensor {name} contains NaN or inf values; the source checkpoint is damaged. Nothing was written."
-            )
-
-
 def _convert_into(src: Source, staged: Path, out: Path, options: ConvertOptions) -> ConversionResult:
     """Check the source, plan the output, merge and stream every tensor, then the side files."""
     raw_config, config = load_config(src.path)
     if converts_to_gpt_bigcode(config.model_type):
-        from gqa.convert.gpt2 import convert_gpt2  # built on this module's steps, so imported when used
-        return convert_gpt2(src, config, staged, options)
+        return convert_gpt2(src, config, staged, out, options)
     family, geometry = family_for(config.model_type), geometry_of(config)
     out_config = converted_config(config, options.kv_heads, allow_same=options.allow_same)
     if options.method == "aligned" and family.qkv_clip(config) is not None:
@@ -318,12 +280,7 @@ def _convert_into(src: Source, staged: Path, out: Path, options: ConvertOptions)
     plan = build_plan(index, source_tensors.shapes, meta_tensors(out_config, index.tensors).shapes, cast)
 
     specs = [s for item in plan for s in (item.outputs if isinstance(item, AttentionUnit) else [item])]
-    if not options.skip_space_check:
-        check_free_space(
-            out.parent, _bytes_needed(plan, specs, src.path, options), f"the converted model {out}",
-            "free some space there, write OUT somewhere else, or pass --skip-space-check if the file system "
-            "stores more than it reports free (compression)",
-        )
+    check_space(out, specs, src.path, options, held=_aligned_bytes(plan) if options.method == "aligned" else 0)
 
     groups_per_layer: dict[int, list[list[int]]] = {}
     if options.method == "aligned":
@@ -337,15 +294,15 @@ def _convert_into(src: Source, staged: Path, out: Path, options: ConvertOptions)
 
         def merge_layer(unit: AttentionUnit) -> dict[str, torch.Tensor]:
             prefix = ATTENTION_PREFIX.format(i=unit.layer)
-            tensors = {name[len(prefix) :]: _read_finite(index, name) for name in unit.inputs}
+            tensors = {name[len(prefix) :]: read_finite(index, name) for name in unit.inputs}
             groups_per_layer[unit.layer] = groups = _groups_for(tensors, family, geometry, options, None)
             return merge_attention_unit(tensors, family, geometry, groups, options.method, generator)
 
-    bytes_written = _write_tensors(plan, specs, index, staged, options.shard_size, merge_layer)
+    bytes_written = write_tensors(plan, specs, index, staged, options.shard_size, merge_layer)
     _write_config(raw_config, staged, options.kv_heads, cast)
-    _copy_side_files(src.path, staged, options.copy_tokenizer)
+    copy_side_files(src.path, staged, options.copy_tokenizer)
     groups = [groups_per_layer[layer] for layer in sorted(groups_per_layer)]
-    write_provenance(staged, _provenance(src, config, index, options, geometry, groups, dropped))
+    write_provenance(staged, provenance(src, config, index, options, geometry, groups, dropped))
     write_model_card(staged)
     source_dtype = next((t.dtype for t in index.tensors.values() if t.dtype.is_floating_point), torch.float32)
     return ConversionResult(
@@ -361,34 +318,6 @@ def _convert_into(src: Source, staged: Path, out: Path, options: ConvertOptions)
         seconds=0.0,
         dropped=dropped,
     )
-
-
-def _read_finite(index: CheckpointIndex, name: str) -> torch.Tensor:
-    tensor = index.read(name)
-    _check_finite(name, tensor)
-    return tensor
-
-
-def _write_tensors(plan, specs: list[TensorSpec], index: CheckpointIndex, staged: Path, shard_size: int, merge_layer) -> int:
-    """Stream the plan into shards: passthrough tensors as they are read, each layer's attention
-    as `merge_layer` returns it. Returns the bytes written."""
-    writer = ShardedSafetensorsWriter(staged, specs, shard_size)
-    try:
-        with tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="converting", disable=None) as bar:
-            for item in plan:
-                if isinstance(item, TensorSpec):
-                    writer.write(item.name, _read_finite(index, item.name).to(item.dtype))
-                    bar.update(item.nbytes)
-                    continue
-                prefix = ATTENTION_PREFIX.format(i=item.layer)
-                merged = merge_layer(item)
-                for spec in item.outputs:
-                    writer.write(spec.name, merged[spec.name[len(prefix) :]].to(spec.dtype))
-                    bar.update(spec.nbytes)
-        writer.finish()
-    finally:
-        writer.close()  # after a failure: no background write into the staging directory being removed
-    return writer.bytes_written
 
 
 def _aligned_pass(src: Source, index, config, out_config, family, geometry, options: ConvertOptions, staged: Path):
@@ -420,7 +349,7 @@ def _aligned_pass(src: Source, index, config, out_config, family, geometry, opti
     def merge(layer: int, tensors: dict[str, torch.Tensor], moment: torch.Tensor):
         prefix = ATTENTION_PREFIX.format(i=layer)
         for rel, tensor in tensors.items():
-            _check_finite(prefix + rel, tensor)
+            check_finite(prefix + rel, tensor)
         groups = _groups_for(tensors, family, geometry, options, moment)
         layer_geometry = geometry.at_layer(layer)  # no rotary dims in a layer without RoPE
         frequencies = rotary_frequencies(config, layer_geometry, layer) if layer_geometry.rotary_dims else None
@@ -472,66 +401,7 @@ def _write_config(raw: dict, staged: Path, kv_heads: int, cast: torch.dtype | No
     (staged / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _bytes_needed(plan, specs: list[TensorSpec], src: Path, options: ConvertOptions) -> int:
-    """What the conversion writes beside OUT at its peak: the shards (tensors and a header entry each), the
-    copied side files and, for --method aligned, the merged layers it keeps in float32 until the shards are
-    written. The config, index, card and provenance are small: check_free_space's slack covers them."""
-    needed = sum(s.nbytes + 128 + len(s.name) for s in specs)
-    needed += sum(p.stat().st_size for p in _side_files(src, options.copy_tokenizer))
-    if options.method == "aligned":
-        units = [item for item in plan if isinstance(item, AttentionUnit)]
-        needed += sum(math.prod(s.shape) * 4 for unit in units for s in unit.outputs)
-    return needed
-
-
-def _side_files(src: Path, copy_tokenizer: bool) -> list[Path]:
-    """The source's files OUT gets a copy of: all but the weights, the files the conversion writes, hidden ones
-    and, without copy_tokenizer, the tokenizer's."""
-    found = []
-    for path in sorted(src.iterdir()):
-        if not path.is_file() or path.name in NOT_COPIED or path.name.startswith("."):
-            continue
-        if path.suffix in WEIGHT_SUFFIXES:
-            continue
-        if not copy_tokenizer and TOKENIZER_FILE.match(path.name):
-            continue
-        found.append(path)
-    return found
-
-
-def _copy_side_files(src: Path, staged: Path, copy_tokenizer: bool) -> None:
-    for path in _side_files(src, copy_tokenizer):
-        shutil.copy2(path, staged / path.name)
-
-
-def _provenance(
-    src: Source, config, index: CheckpointIndex, options: ConvertOptions, geometry, groups, dropped: list[str]
-) -> dict:
-    return {
-        "gqa_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": {
-            "id": src.id,
-            "hub_id": src.hub_id,
-            "kind": src.kind,
-            "model_type": config.model_type,
-            "num_attention_heads": geometry.heads,
-            "num_key_value_heads": geometry.kv_heads,
-            "head_dim": geometry.head_dim,
-            "files": [{"name": f.name, "bytes": f.stat().st_size} for f in index.files],
-            "tensors": len(index.tensors),
-            "dropped_tensors": dropped,
-        },
-        "conversion": {
-            "method": options.method,
-            "grouping": options.grouping,
-            "calibration": (options.calibration or "default") if options.method == "aligned" else None,
-            "refine": {"steps": options.refine_steps, "lr": options.refine_lr, "batch": options.refine_batch} if options.refine_steps else None,
-            "kv_heads": options.kv_heads,
-            "groups": groups,
-            "dtype": options.dtype,
-            "seed": options.seed if options.method == "random" else None,
-        },
-        "training": None,
-        "eval": None,
-    }
+def _aligned_bytes(plan) -> int:
+    """What --method aligned keeps on disk until the shards are written: the merged layers, in float32."""
+    units = [item for item in plan if isinstance(item, AttentionUnit)]
+    return sum(math.prod(s.shape) * 4 for unit in units for s in unit.outputs)

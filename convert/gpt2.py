@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import GPTBigCodeConfig, PretrainedConfig
 
-from gqa.convert import convert as pipeline  # the steps every conversion shares: finite checks, streaming, side files
+from gqa.convert import steps  # the steps every conversion shares: finite checks, streaming, side files
 from gqa.convert.errors import GQAError
 from gqa.convert.families import Geometry
 from gqa.convert.heads import merge_stacked_rows
@@ -169,7 +169,7 @@ class BigCodeView:
 
     def read(self, name: str) -> torch.Tensor:
         tensor = self.index.read(self.stored[name])
-        pipeline._check_finite(self.stored[name], tensor)  # the source's own values, before any head is merged away
+        steps.check_finite(self.stored[name], tensor)  # the source's own values, before any head is merged away
         suffix = name.split(".", 3)[-1] if name.startswith("transformer.h.") else name
         if suffix in CONV1D_WEIGHTS:
             tensor = tensor.T
@@ -186,7 +186,7 @@ class BigCodeView:
         return torch.cat([q.float(), *merged])
 
 
-def convert_gpt2(src: Source, config: PretrainedConfig, staged: Path, options: ConvertOptions) -> pipeline.ConversionResult:
+def convert_gpt2(src: Source, config: PretrainedConfig, staged: Path, out: Path, options: ConvertOptions) -> steps.ConversionResult:
     """Check, plan and stream a GPT-2 checkpoint into `staged` as a gpt_bigcode one, then the side files."""
     check_convertible(config, options.kv_heads, options.method)
     cast = DTYPES[options.dtype]
@@ -198,18 +198,19 @@ def convert_gpt2(src: Source, config: PretrainedConfig, staged: Path, options: C
         log.warning("leaving out %d tensors the model does not define: %s", len(dropped), dropped[:5])
     specs = plan(index, stored, out_config, cast)
     shape = geometry(config)
+    steps.check_space(out, specs, src.path, options)
     view = BigCodeView(index, stored, shape, options.method, options.seed)
     # Every output is a plain tensor of the plan, read from the view: no per-layer merge step.
-    bytes_written = pipeline._write_tensors(specs, specs, view, staged, options.shard_size, merge_layer=None)
+    bytes_written = steps.write_tensors(specs, specs, view, staged, options.shard_size, merge_layer=None)
     out_config.save_pretrained(staged)
-    pipeline._copy_side_files(src.path, staged, options.copy_tokenizer)
+    steps.copy_side_files(src.path, staged, options.copy_tokenizer)
     groups = [[list(range(shape.heads))] for _ in range(shape.layers)]
-    record = pipeline._provenance(src, config, index, options, shape, groups, dropped)
+    record = steps.provenance(src, config, index, options, shape, groups, dropped)
     record["conversion"]["model_type"] = TARGET_MODEL_TYPE  # what config.json now says, checked by gqa publish
     write_provenance(staged, record)
     write_model_card(staged)
     source_dtype = next((t.dtype for t in index.tensors.values() if t.dtype.is_floating_point), torch.float32)
-    return pipeline.ConversionResult(
+    return steps.ConversionResult(
         out_dir=staged,
         source=src,
         family=FAMILY_NAME,

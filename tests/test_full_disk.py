@@ -114,6 +114,18 @@ def test_a_conversion_that_cannot_fit_is_refused_before_anything_is_written(sour
     assert files_under(disk) == []  # no staging directory, no lock file
 
 
+def test_a_gpt2_conversion_that_cannot_fit_is_refused_before_anything_is_written(tmp_path, small_disk):
+    """GPT-2 converts by a plan of its own (to gpt_bigcode); the same free-space check guards it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    source = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=64, n_head=4, n_layer=2, vocab_size=4096, n_positions=64)).save_pretrained(source)
+    disk = small_disk("1m")
+    with pytest.raises(GQAError, match=rf"the converted model {re.escape(str(disk / 'out'))} needs .* free on"):
+        convert(str(source), disk / "out", ConvertOptions(kv_heads=1))
+    assert files_under(disk) == []
+
+
 def test_a_conversion_that_runs_out_of_space_while_writing_a_shard_stops_naming_out_and_leaves_nothing(source, small_disk, capsys):
     """--skip-space-check lets the conversion start on a disk too small for it, so the disk fills up while a
     shard is written (the second of five, 500 KB each), exactly as it would when something else takes the space."""
