@@ -75,7 +75,8 @@ def runtime_imports(path: Path, floor: str) -> set[str]:
 STAGES = {
     "data": ["sources", "blocks", "stream", "dataset"],  # sources and their errors; prepared blocks; the stream; the entry
     "memory": ["launch", "activations", "memory"],  # the launch arithmetic; the measured step; the estimate and advice
-    "eval": ["heldout", "tasks", "decode", "report", "evaluate"],  # scoring text and tasks; decode speed; the report; the entry
+    "eval": ["heldout", "tasks", "decode", "report", "evaluate"],
+    "loop": ["logbook", "setup", "checkpoints", "loop"],  # logging; setup; checkpoints and the result; the step  # scoring text and tasks; decode speed; the report; the entry
 }
 
 

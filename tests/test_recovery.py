@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gqa.convert.errors import GQAError
-from gqa.train import loop, report
+from gqa.train import loop, report, setup
 from gqa.train.api import load_recipe, run_recipe
 from gqa.train.dataset import prepare_data
 from gqa.train.evaluate import evaluate
@@ -256,4 +256,4 @@ def test_tasks_are_refused_where_no_process_holds_the_whole_model(monkeypatch):
     recipe = load_recipe(RECIPE, ["model.path=unused", "eval.tasks=[tiny_choice]"])
     sharded = SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(deepspeed_plugin=None))
     with pytest.raises(GQAError, match="eval.tasks needs the whole model in one process"):
-        loop._setup_tasks(recipe, sharded)
+        setup.setup_tasks(recipe, sharded)

@@ -401,7 +401,7 @@ def test_output_directory_of_another_run_or_other_files(ws, tmp_path):
 def test_zero3_placeholder_parameters_keep_their_weight_decay_and_counts(tmp_path, caplog):
     """Under ZeRO-3's zero.Init every parameter's own data is an empty 1-D placeholder; ds_shape and
     ds_numel hold the real shape and size. Matrices must still decay, and the count must not divide by 0."""
-    from gqa.train.loop import _parameter_groups
+    from gqa.train.setup import parameter_groups
     from gqa.train.params import select_trainable
 
     model = AutoModelForCausalLM.from_pretrained(save_tiny_llama(tmp_path / "m"))
@@ -412,6 +412,6 @@ def test_zero3_placeholder_parameters_keep_their_weight_decay_and_counts(tmp_pat
     with caplog.at_level("INFO", logger="gqa.train.params"):
         select_trainable(model, "all")
     assert re.search(r"training all parameters: [\d,]+ of [\d,]+ \(\d+\.\d%\)", caplog.text)
-    decay, no_decay = _parameter_groups(model, 0.1)
+    decay, no_decay = parameter_groups(model, 0.1)
     assert {id(p) for p in decay["params"]} == {id(p) for p in model.parameters() if p.requires_grad} & matrices
     assert decay["params"] and no_decay["params"]

@@ -19,7 +19,7 @@ from gqa.convert.families import family_for
 from gqa.train.api import load_recipe, run_recipe
 from gqa.train.dataset import prepare_data, training_order
 from gqa.train.losses import distillation_loss
-from gqa.train.loop import _check_lora_distribution, _parameter_groups
+from gqa.train.setup import check_lora_distribution, parameter_groups
 from gqa.train.params import apply_lora, merge_lora
 from gqa.train.recipe import LoraSection
 from tiny import FAMILY_TYPES, build_family_model
@@ -121,7 +121,7 @@ def test_chosen_targets_and_their_errors():
 
 def test_weight_decay_groups_hold_the_trainable_matrices_and_leave_biases_undecayed():
     model = apply_lora(build_family_model("qwen2", kv=2), LoraSection(rank=4))  # Qwen2: k/v biases
-    decay, no_decay = _parameter_groups(model, 0.1)
+    decay, no_decay = parameter_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     undecayed = {names[id(p)] for p in no_decay["params"]}
@@ -134,11 +134,11 @@ def test_weight_decay_groups_hold_the_trainable_matrices_and_leave_biases_undeca
 
 def test_lora_refuses_sharded_launches_and_its_keys_do_not_change_other_runs():
     with pytest.raises(GQAError, match="train.params: lora does not run under FSDP"):
-        _check_lora_distribution(load_recipe(RECIPE, ["train.params=lora"]), DistributedType.FSDP)
+        check_lora_distribution(load_recipe(RECIPE, ["train.params=lora"]), DistributedType.FSDP)
     with pytest.raises(GQAError, match="lora does not run under DEEPSPEED"):
-        _check_lora_distribution(load_recipe(RECIPE, ["train.params=lora"]), DistributedType.DEEPSPEED)
-    _check_lora_distribution(load_recipe(RECIPE, ["train.params=lora"]), DistributedType.MULTI_GPU)
-    _check_lora_distribution(load_recipe(RECIPE, ["train.params=all"]), DistributedType.FSDP)
+        check_lora_distribution(load_recipe(RECIPE, ["train.params=lora"]), DistributedType.DEEPSPEED)
+    check_lora_distribution(load_recipe(RECIPE, ["train.params=lora"]), DistributedType.MULTI_GPU)
+    check_lora_distribution(load_recipe(RECIPE, ["train.params=all"]), DistributedType.FSDP)
 
     # Resuming a run compares identities: train.lora counts only when train.params is lora.
     def identity(*extra):

@@ -5,6 +5,9 @@ recipe -> checks (paths, output dir, plan) -> data (tokenised once and cached, o
 -> steps (accumulate, clip, step, schedule, log, eval, checkpoint)
 -> final eval -> save_pretrained from accelerator.get_state_dict -> provenance and model card.
 
+The setup stages are gqa.train.setup's, checkpoints and the final model gqa.train.checkpoints', logging
+gqa.train.logbook's; this module holds the run, its loop and its step.
+
 The data order is fixed by the seed alone (see dataset.training_order; streamed, the module docstring
 of gqa.train.dataset), every optimizer step sees
 a full global batch, and its loss is the sum of its token losses over its number of predicted
@@ -16,11 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,35 +30,28 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import (
-    SAFE_MODEL_NAME, DistributedType, GradientAccumulationPlugin, broadcast_object_list, gather_object, set_seed,
+    GradientAccumulationPlugin, set_seed,
 )
-from safetensors.torch import load_file
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, get_scheduler
+from transformers import PreTrainedModel
 
-from gqa.convert import __version__
 from gqa.convert import outputlock
 from gqa.convert.errors import GQAError
 from gqa.convert.perplexity import perplexity, summed_loss
-from gqa.convert.modeldir import (
-    DTYPES, apply_umask, config_dtype, from_pretrained_args, looks_like_hub_id, now, provenance_of,
-)
 from gqa.train import rundir
-from gqa.train.dataset import PreparedData, make_collate, prepare_data, training_order
-from gqa.train.finalmodel import cast_state_dict, save_final_model
+from gqa.train.checkpoints import RunCheckpoints, keep_trainable_weights, load_trainable_weights
+from gqa.train.logbook import RunLogging, Window, tracker_config
+from gqa.train.setup import RunSetup, accelerator_available, check_lora_distribution, check_paths, lock_output, same_source, setup_tasks
 from gqa.train.stream import StreamLoader
 from gqa.train.losses import IGNORE_INDEX, distillation_loss
 from gqa.train.memory import check_run
-from gqa.train.params import apply_lora, lora_record, merge_lora, select_trainable, weights_dtype
 from gqa.train.plan import TrainingPlan, plan_training
-from gqa.train.recipe import Recipe, flat_items, model_directory
-from gqa.train.tasks import TaskSettings, headline_metrics, run_tasks, task_manager
+from gqa.train.recipe import Recipe
+from gqa.train.tasks import headline_metrics, run_tasks
 
 logger = logging.getLogger(__name__)
 
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
-SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 
 @dataclass
@@ -98,11 +93,11 @@ def train(recipe: Recipe, recipe_file: str | None = None, check_memory: bool = T
 
     check_memory: refuse to start on CUDA when the memory plan exceeds the device's memory (gqa.train.memory).
     """
-    _check_paths(recipe)
-    use_cpu = not _accelerator_available()
+    check_paths(recipe)
+    use_cpu = not accelerator_available()
     state = PartialState(cpu=use_cpu)
     existed = Path(recipe.output.dir).exists()
-    lock = _lock_output(recipe, state)  # before the output dir is read: its checkpoints are this run's alone
+    lock = lock_output(recipe, state)  # before the output dir is read: its checkpoints are this run's alone
     output_dir = Path(recipe.output.dir)
     try:
         # Checkpoints and the final model say what they were writing themselves; this names any other write.
@@ -114,29 +109,6 @@ def train(recipe: Recipe, recipe_file: str | None = None, check_memory: bool = T
             if not existed:  # a run refused before it wrote anything leaves no empty output dir behind
                 with contextlib.suppress(OSError):
                     Path(recipe.output.dir).rmdir()
-
-
-def _lock_output(recipe: Recipe, state: PartialState) -> tuple[Path, int] | None:
-    """The main process takes output.dir's lock; a refusal is raised on every process, with the same message."""
-    refusal, lock = None, None
-    if state.is_main_process:
-        output_dir = Path(recipe.output.dir)
-        if output_dir.exists() and not output_dir.is_dir():
-            refusal = f"output.dir {output_dir} is a file; point output.dir at a directory"
-        else:
-            path = rundir.lock_path(output_dir)
-            try:
-                lock = path, outputlock.acquire(path, f"output.dir {output_dir}")
-            except GQAError as err:
-                refusal = str(err)
-    if state.num_processes > 1:
-        message = [refusal]
-        broadcast_object_list(message, from_process=0)
-        refusal = message[0]
-    if refusal is not None:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        raise GQAError(refusal)
-    return lock
 
 
 def _train_locked(recipe: Recipe, recipe_file: str | None, check_memory: bool, state: PartialState, use_cpu: bool) -> TrainResult:
@@ -165,7 +137,10 @@ def _train_locked(recipe: Recipe, recipe_file: str | None, check_memory: bool, s
         GradientState._reset_state()
 
 
-class _Run:
+class _Run(RunSetup, RunCheckpoints, RunLogging):
+    """One training run: its setup (gqa.train.setup), the loop and its step (here), evaluation, checkpoints and the
+    final model (gqa.train.checkpoints), logging (gqa.train.logbook)."""
+
     def __init__(self, recipe: Recipe, recipe_file: str | None, accelerator: Accelerator, plan: TrainingPlan, start):
         self.recipe = recipe
         self.recipe_file = recipe_file
@@ -182,8 +157,8 @@ class _Run:
 
     def execute(self) -> TrainResult:
         recipe, accelerator = self.recipe, self.accelerator
-        _check_lora_distribution(recipe, accelerator.distributed_type)
-        self.tasks, self.task_manager = _setup_tasks(recipe, accelerator)  # names checked before any data or weights
+        check_lora_distribution(recipe, accelerator.distributed_type)
+        self.tasks, self.task_manager = setup_tasks(recipe, accelerator)  # names checked before any data or weights
         set_seed(recipe.seed)
         tokenizer, data = self._setup_data()  # prints the plan, data included
         self.tokenizer = tokenizer
@@ -204,11 +179,11 @@ class _Run:
             )
         accelerator.register_for_checkpointing(self.progress)
         if self.lora is not None:  # checkpoints hold the trainable parameters; the frozen base is model.path
-            accelerator.register_save_state_pre_hook(_keep_trainable_weights)
-            accelerator.register_load_state_pre_hook(_load_trainable_weights)
+            accelerator.register_save_state_pre_hook(keep_trainable_weights)
+            accelerator.register_load_state_pre_hook(load_trainable_weights)
         if self.start is not None:
             self._load_start()
-        accelerator.init_trackers(recipe.logging.project, config=_tracker_config(recipe, self.plan))
+        accelerator.init_trackers(recipe.logging.project, config=tracker_config(recipe, self.plan))
 
         self.model, self.teacher, self.optimizer, self.scheduler = model, teacher, optimizer, scheduler
         # Read back after prepare: FSDP replaces parameter objects.
@@ -217,151 +192,9 @@ class _Run:
         self.data = data
         return self._loop(train_loader)
 
-    def _load_start(self) -> None:
-        """load_state from self.start; when its files do not load on some process, every process falls back to
-        the newest whole checkpoint before it (resume=auto), or stops naming what failed."""
-        while True:
-            if self.main:
-                logger.info("resuming from %s (step %d)", self.start.path, self.start.step)
-            failed = None
-            try:
-                self.accelerator.load_state(str(self.start.path))
-            except GQAError:
-                raise  # a checkpoint of another setting (LoRA), not a damaged one
-            except Exception as err:  # noqa: BLE001 - whatever a damaged file makes torch or safetensors raise
-                failed = f"{type(err).__name__}: {err}"
-            problem = next((f for f in gather_object([failed]) if f is not None), None)
-            if problem is None:
-                return
-            damaged = f"{self.start.path} does not load ({problem})"
-            if self.recipe.resume != "auto":
-                raise GQAError(f"resume={self.recipe.resume}: {damaged}. Restore it from a copy, or resume from another checkpoint")
-            logger.warning("checkpoint %s; trying the one before it", damaged)
-            older = rundir.newest_whole_checkpoint(self.output_dir, before=self.start.step)
-            if older is None:
-                raise rundir.no_whole_checkpoint(self.output_dir, [damaged])
-            self.start = older
 
     # The setup stages, in the order they run; the training step itself is _step.
 
-    def _setup_data(self):
-        recipe, accelerator = self.recipe, self.accelerator
-        tokenizer_dir = recipe.model.tokenizer or recipe.model.path
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        self.config = AutoConfig.from_pretrained(recipe.model.path)
-        self._check_vocab(self.config, tokenizer)
-        started = time.perf_counter()
-        # Prepared data is built by the first process of each machine while the others wait, then read from
-        # the cache by all; streamed, each process opens its own share of the stream.
-        data = prepare_data(
-            recipe.data, tokenizer, tokenizer_dir, recipe.seed, accelerator.local_main_process_first,
-            process_index=accelerator.process_index, num_processes=accelerator.num_processes,
-        )
-        self.plan = replace(self.plan, data_seconds=time.perf_counter() - started, stream_files=data.stats.get("stream_files"))
-        if self.main:
-            logger.info("plan:\n%s", self.plan.describe())
-            self._log_data(data)
-            rundir.write_run_file(self.output_dir, recipe, self.recipe_file, status="running", steps=self.start.step if self.start else 0)
-        self.accelerator.wait_for_everyone()
-        return tokenizer, data
-
-    def _setup_model(self) -> PreTrainedModel:
-        recipe = self.recipe
-        # fp32 master weights; under lora the frozen base keeps a 16-bit checkpoint's dtype (see params.weights_dtype)
-        dtype = weights_dtype(recipe.train.params, config_dtype(self.config))
-        model = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=dtype)
-        model.config.use_cache = False  # no KV cache while training
-        if recipe.train.gradient_checkpointing:
-            if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.x on
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if recipe.train.params != "lora":
-            select_trainable(model, recipe.train.params)
-            return model
-        # With gradient checkpointing and frozen embeddings, the checkpointed layers' inputs must still carry
-        # gradients to the adapters: transformers' activation_checkpointing_enable and peft's get_peft_model
-        # both hook the input embeddings for that (enable_input_require_grads).
-        # The adapters' initial values come from the seed alone, whatever ran before (data preparation).
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(recipe.seed)
-            model = apply_lora(model, recipe.train.lora)
-        self.lora = lora_record(model, recipe.train.lora)
-        return model
-
-    def _setup_optimizer(self, model: PreTrainedModel):
-        recipe = self.recipe
-        optimizer = torch.optim.AdamW(
-            _parameter_groups(model, recipe.optimizer.weight_decay),
-            lr=recipe.optimizer.lr,
-            betas=recipe.optimizer.betas,
-            eps=recipe.optimizer.eps,
-        )
-        scheduler = get_scheduler(
-            "cosine_with_min_lr" if recipe.schedule.min_lr_ratio else SCHEDULERS[recipe.schedule.kind],
-            optimizer,
-            num_warmup_steps=self.plan.warmup_steps,
-            num_training_steps=self.plan.steps,
-            scheduler_specific_kwargs={"min_lr_rate": recipe.schedule.min_lr_ratio} if recipe.schedule.min_lr_ratio else None,
-        )
-        return optimizer, scheduler
-
-    def _setup_loaders(self, tokenizer, data: PreparedData) -> tuple[DataLoader | StreamLoader, DataLoader]:
-        recipe, plan = self.recipe, self.plan
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        collate = make_collate(recipe.data.block_size, pad_id)
-        if data.streaming:  # each process's share already; not prepared by accelerate (see StreamLoader)
-            train_loader = StreamLoader(data.train, plan.micro_batch, collate, self.accelerator.device, gather_object)
-            self.accelerator.register_for_checkpointing(train_loader)  # the stream's position, in every checkpoint
-        else:
-            order = training_order(len(data.train), plan.steps * plan.global_batch, recipe.seed)
-            train_loader = DataLoader(data.train.select(order), batch_size=plan.micro_batch, collate_fn=collate)
-        eval_set = data.eval
-        if recipe.eval.max_blocks is not None and len(eval_set) > recipe.eval.max_blocks:
-            eval_set = eval_set.select(range(recipe.eval.max_blocks))
-        return train_loader, DataLoader(eval_set, batch_size=plan.micro_batch, collate_fn=collate)
-
-    def _log_data(self, data: PreparedData) -> None:
-        stats = data.stats
-        if data.streaming:
-            held = f"the first {stats['held_out_blocks']:,} blocks of the stream" if stats["held_out_blocks"] else "data.eval"
-            logger.info(
-                "data: data.train streamed; %s eval tokens in %s blocks (%s), cache %s", f"{stats['eval_tokens']:,}",
-                f"{stats['eval_blocks']:,}", held, stats["cache_dir"],
-            )
-            return
-        epochs = self.plan.steps * self.plan.global_batch / stats["train_blocks"]
-        logger.info(
-            "data: %s train tokens in %s blocks (the run reads %.2f epochs), %s eval tokens in %s blocks; cache %s",
-            f"{stats['train_tokens']:,}", f"{stats['train_blocks']:,}", epochs, f"{stats['eval_tokens']:,}",
-            f"{stats['eval_blocks']:,}", stats["cache_dir"],
-        )
-
-    def _check_vocab(self, config, tokenizer) -> None:
-        if len(tokenizer) > config.vocab_size:
-            raise GQAError(
-                f"the tokenizer has {len(tokenizer)} tokens but {self.recipe.model.path} embeds only "
-                f"{config.vocab_size}; set model.tokenizer to the model's own tokenizer"
-            )
-
-    def _load_frozen(self, source: str, key: str, why: str) -> PreTrainedModel:
-        """A frozen model in the recipe's precision on this process's device: the teacher, or the baseline.
-
-        Replicated on every process (not sharded by FSDP/ZeRO). `why` says what a different vocabulary breaks.
-        """
-        where, extra = from_pretrained_args(source)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[self.recipe.precision], **extra)
-        except (OSError, ValueError) as err:
-            raise GQAError(
-                f"{key}: could not load {source} ({err}); give a checkpoint directory, a .gguf file or a reachable hub id"
-            ) from err
-        if model.config.vocab_size != self.config.vocab_size:
-            raise GQAError(
-                f"{key} {source} has a vocabulary of {model.config.vocab_size}, the student {self.config.vocab_size}; {why}"
-            )
-        model.requires_grad_(False)
-        return model.eval().to(self.accelerator.device)
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -376,7 +209,7 @@ class _Run:
             loader = accelerator.skip_first_batches(train_loader, start_step * plan.accumulation)
         losses: dict[int, float] = {}
         evals: list[dict[str, float]] = []
-        window = _Window()
+        window = Window()
         train_seconds = 0.0
         if self.start is None and recipe.eval.at_start:  # a resumed run's step 0 is in metrics.jsonl already
             evals.append(self._evaluate(0))
@@ -504,15 +337,6 @@ class _Run:
             "bf16/fp32 instead of fp16"
         )
 
-    def _log_window(self, window: _Window, step: int, bar) -> None:
-        values = window.summary()
-        values["lr"] = self.scheduler.get_last_lr()[0]
-        values["tokens_seen"] = self.progress.tokens_seen
-        self.accelerator.log({f"train/{k}": v for k, v in values.items()}, step=step)
-        if self.main:
-            self._append_metrics({"step": step, **values})
-            bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", tok_s=f"{values['tokens_per_second']:.0f}")
-        window.reset()
 
     def _held_out_loss(self, model: torch.nn.Module) -> tuple[float, int]:
         """Token-weighted mean loss on the held-out blocks over every process's share, and the tokens predicted."""
@@ -559,7 +383,7 @@ class _Run:
         source = recipe.eval.baseline or recipe.model.teacher
         if source is None:
             return
-        in_memory = self.teacher is not None and _same_source(source, recipe.model.teacher)
+        in_memory = self.teacher is not None and same_source(source, recipe.model.teacher)
         key = "eval.baseline" if recipe.eval.baseline else "model.teacher"
         baseline = self.teacher if in_memory else self._load_frozen(source, key, "its perplexity would not compare")
         with self.accelerator.autocast():  # as the teacher runs in the loss
@@ -577,121 +401,8 @@ class _Run:
             self._append_metrics({"step": 0, "tokens": 0, **values})
             logger.info("baseline %s: eval loss %.4f, perplexity %.3f", source, loss, values["baseline_eval_perplexity"])
 
-    def _save_checkpoint(self, step: int) -> None:
-        # A finite loss does not prove the update that followed it was finite (Adam can overflow):
-        # never write a checkpoint that could not be resumed.
-        # Each process counts what it holds (FSDP2 parameters are DTensors: their local shard), then all add up.
-        bad = sum(int((~torch.isfinite(p.to_local() if hasattr(p, "to_local") else p)).sum()) for p in self.trainable)
-        bad = int(self.accelerator.reduce(torch.tensor(float(bad), device=self.accelerator.device), reduction="sum").item())
-        if bad:
-            self._fail_non_finite("weights", f"non-finite ({bad:,} values)", changed=True)
-        # Written under a partial name and renamed once complete: a process killed mid-save leaves no checkpoint
-        # that looks complete, and the next save clears what it left.
-        partial = rundir.partial_path(self.output_dir, step)
-        if self.main:
-            rundir.clear_partial(self.output_dir)
-        self.accelerator.wait_for_everyone()
-        with rundir.disk_full_stops_checkpoint(self.output_dir, step, partial):  # the ones before it stay as they are
-            self.accelerator.save_state(str(partial))
-            self.accelerator.wait_for_everyone()
-            if self.main:
-                path = rundir.complete_checkpoint(partial, step, self.progress.tokens_seen)
-                apply_umask(path)  # accelerate's save_state writes some files 0600
-                rundir.prune_checkpoints(self.output_dir, self.recipe.checkpoint.keep)
-                logger.info("step %d: checkpoint %s", step, path)
-        self.accelerator.wait_for_everyone()
 
     # --- the result ----------------------------------------------------------------------------
-
-    def _save_final_model(self, final_eval: dict[str, float]) -> None:
-        accelerator, recipe = self.accelerator, self.recipe
-        accelerator.wait_for_everyone()
-        if self.lora is not None:
-            # The adapters merged into the weights: a plain checkpoint with the model's own tensor names. Every
-            # process merges its own replica (the same numbers), so each returns the model that was saved.
-            unwrapped = self.final_model = merge_lora(accelerator.unwrap_model(self.model))
-            state_dict = unwrapped.state_dict()
-        else:
-            state_dict = accelerator.get_state_dict(self.model)  # every process takes part (FSDP/ZeRO-3 gather)
-            unwrapped = accelerator.unwrap_model(self.model)
-        if self.main:
-            out_dtype = _output_dtype(recipe)
-            unwrapped.config.use_cache = True
-            provenance = provenance_of(recipe.model.path, unwrapped.config)
-            provenance["training"] = self._training_record(final_eval)
-            save_final_model(self.output_dir, unwrapped, cast_state_dict(state_dict, out_dtype), out_dtype,
-                             recipe.output.max_shard_size, recipe.model.tokenizer or recipe.model.path, provenance)
-            rundir.write_run_file(
-                self.output_dir, recipe, self.recipe_file, status="finished", steps=self.progress.step,
-                tokens_seen=self.progress.tokens_seen, final_eval=final_eval,
-            )
-            apply_umask(self.output_dir)  # save_pretrained's files come out 0600; every output gets the umask's mode
-            logger.info("saved the trained model to %s", self.output_dir)
-        accelerator.wait_for_everyone()
-
-    def _training_record(self, final_eval: dict[str, float]) -> dict[str, Any]:
-        recipe, plan = self.recipe, self.plan
-        pretrain = recipe.budget.pretrain_tokens
-        return {
-            "gqa_version": __version__,
-            "finished": now(),
-            "recipe_file": self.recipe_file,
-            "recipe": recipe.model_dump(mode="json", exclude={"output", "logging", "resume"}),
-            "method": "distillation from model.teacher" if recipe.loss.kind == "distill" else "language modelling",
-            "params": recipe.train.params,
-            **({"lora": self.lora, "lora_summary": _lora_summary(self.lora)} if self.lora else {}),
-            "processes": plan.processes,
-            "global_batch_sequences": plan.global_batch,
-            "block_size": plan.block_size,
-            "steps": self.progress.step,
-            "tokens_seen": self.progress.tokens_seen,
-            "pretrain_tokens": pretrain,
-            "pretrain_fraction": self.progress.tokens_seen / pretrain if pretrain else None,
-            "data": {
-                "train": recipe.data.train,
-                "eval": recipe.data.eval or (
-                    f"the first {recipe.data.eval_blocks} blocks of the data.train stream held out" if recipe.data.streaming
-                    else f"{recipe.data.eval_fraction} of data.train held out"
-                ),
-                "train_tokens": self.data.stats["train_tokens"],
-            },
-            "final_eval": {
-                "loss": final_eval["loss"],
-                "perplexity": final_eval["perplexity"],
-                "tokens": final_eval["tokens"],
-                **({"tasks": final_eval["tasks"]} if final_eval.get("tasks") else {}),
-            },
-        }
-
-    def _append_metrics(self, row: dict[str, Any]) -> None:
-        with open(self.output_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
-@dataclass
-class _Window:
-    """The steps since the last log line."""
-
-    losses: list[float] = field(default_factory=list)
-    tokens: int = 0
-    grad_norms: list[torch.Tensor] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def add(self, loss: float, tokens: int, grad_norm: torch.Tensor | None, seconds: float) -> None:
-        self.losses.append(loss)
-        self.tokens += tokens
-        self.seconds += seconds
-        if grad_norm is not None:  # DeepSpeed clips inside its engine: no norm before its first step
-            self.grad_norms.append(grad_norm)
-
-    def summary(self) -> dict[str, float]:
-        values = {"loss": sum(self.losses) / len(self.losses), "tokens_per_second": self.tokens / max(self.seconds, 1e-9)}
-        if self.grad_norms:
-            values["grad_norm"] = torch.stack([g.detach().float() for g in self.grad_norms]).mean().item()
-        return values
-
-    def reset(self) -> None:
-        self.losses, self.tokens, self.grad_norms, self.seconds = [], 0, [], 0.0
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -721,130 +432,3 @@ def _read_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)
 
 
-def _check_paths(recipe: Recipe) -> None:
-    """Fail on missing inputs before any process group, data or model work starts."""
-    for key, path in (("model.path", recipe.model.path), ("model.teacher", recipe.model.teacher)):
-        if path is not None:
-            model_directory(key, path)
-    if recipe.eval.baseline is not None:
-        _check_baseline(recipe.eval.baseline)
-    context = getattr(AutoConfig.from_pretrained(recipe.model.path), "max_position_embeddings", None)
-    if context and recipe.data.block_size > context:
-        raise GQAError(f"data.block_size={recipe.data.block_size} is longer than the model's context ({context} tokens)")
-    if recipe.model.tokenizer is not None and not Path(recipe.model.tokenizer).is_dir():
-        raise GQAError(f"model.tokenizer: {recipe.model.tokenizer} is not a directory")
-    for tracker in recipe.logging.trackers:
-        module = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}[tracker]
-        try:
-            __import__(module)
-        except ImportError:
-            raise GQAError(f"logging.trackers: {tracker} is not installed; pip install {module}, or remove it") from None
-
-
-def _check_baseline(source: str) -> None:
-    """eval.baseline as from_pretrained_args reads it: a local checkpoint dir, a .gguf file, or else a hub id."""
-    path = Path(source).expanduser()
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise GQAError(f"eval.baseline: {source} holds no config.json; point it at a transformers checkpoint directory")
-    if path.is_file() and path.suffix != ".gguf":
-        raise GQAError(f"eval.baseline: {source} is a file; give a checkpoint directory, a .gguf file or a hub id")
-    if not path.exists() and not looks_like_hub_id(source):
-        raise GQAError(f"eval.baseline: {source} is neither a local checkpoint directory nor a hub id (owner/name)")
-
-
-def _same_source(a: str, b: str | None) -> bool:
-    """Whether two model keys name the same checkpoint: one directory however spelled, or one hub id."""
-    pa, pb = Path(a).expanduser(), Path(b or "").expanduser()
-    return b is not None and (pa.resolve() == pb.resolve() if pa.exists() and pb.exists() else a == b)
-
-
-def _accelerator_available() -> bool:
-    accelerator_api = getattr(torch, "accelerator", None)
-    if accelerator_api is not None:
-        return bool(accelerator_api.is_available())
-    return torch.cuda.is_available()
-
-
-def _setup_tasks(recipe: Recipe, accelerator: Accelerator) -> tuple[TaskSettings | None, Any]:
-    """eval.tasks as `gqa eval --tasks` scores them, with lm-eval's task index; (None, None) without tasks.
-    The main process scores the whole model, so sharded launches are refused."""
-    if not recipe.eval.tasks:
-        return None, None
-    plugin = accelerator.state.deepspeed_plugin
-    if accelerator.distributed_type == DistributedType.FSDP or (plugin is not None and plugin.zero_stage == 3):
-        raise GQAError(
-            f"eval.tasks needs the whole model in one process, which {accelerator.distributed_type.value} shards; "
-            "drop eval.tasks and score the saved model with gqa eval --tasks, or launch with DDP"
-        )
-    settings = TaskSettings(tuple(recipe.eval.tasks), recipe.eval.num_fewshot, recipe.eval.task_limit,
-                            include_paths=tuple(recipe.eval.task_paths))  # fmt: skip
-    return settings, task_manager(settings)
-
-
-def _check_lora_distribution(recipe: Recipe, distributed_type: DistributedType) -> None:
-    """LoRA runs on one process or DDP: the adapters are merged into full, unsharded weights before saving."""
-    if recipe.train.params == "lora" and distributed_type in (
-        DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM
-    ):
-        raise GQAError(
-            f"train.params: lora does not run under {distributed_type.value} (sharded weights cannot be merged in "
-            "place); LoRA keeps the frozen weights in 16 bits, so a 7B model fits one 24 GB GPU: launch on one "
-            "process, or with the accelerate/ddp config"
-        )
-
-
-def _lora_summary(record: dict[str, Any]) -> str:
-    """One line for the model card: what the adapters were and that they are merged."""
-    full = f"; {', '.join(record['fully_trained'])} trained fully" if record["fully_trained"] else ""
-    return (f"LoRA rank {record['rank']} (alpha {record['alpha']:g}) on {', '.join(record['targets'])}{full}; "
-            "adapters merged into the weights")
-
-
-def _trainable_names(model: torch.nn.Module) -> set[str]:
-    return {name for name, param in model.named_parameters() if param.requires_grad}
-
-
-def _keep_trainable_weights(models: list[torch.nn.Module], weights: list[dict[str, torch.Tensor]], output_dir: str) -> None:
-    """accelerate save_state hook (LoRA): the checkpoint keeps the trainable parameters only."""
-    for model, state in zip(models, weights):
-        keep = _trainable_names(model)
-        for name in [name for name in state if name not in keep]:
-            del state[name]
-
-
-def _load_trainable_weights(models: list[torch.nn.Module], input_dir: str) -> None:
-    """accelerate load_state hook (LoRA): restore the trainable parameters; the frozen ones are already
-    model.path's. Loaded here, so accelerate does not demand the frozen weights from the file."""
-    for i, model in enumerate(list(models)):
-        path = Path(input_dir) / f"{SAFE_MODEL_NAME}{f'_{i}' if i else ''}.safetensors"  # as accelerate names it
-        if not path.is_file():
-            raise GQAError(f"checkpoint {input_dir} holds no {path.name}; resume from another checkpoint or resume=never")
-        state = load_file(path, device=str(next(model.parameters()).device))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        trainable = _trainable_names(model)
-        if unexpected or trainable & set(missing):
-            raise GQAError(
-                f"checkpoint {input_dir} does not match this LoRA model (missing {sorted(trainable & set(missing))[:3]}, "
-                f"unexpected {sorted(unexpected)[:3]}); it was written by another train.lora setting"
-            )
-        models.remove(model)
-
-
-def _parameter_groups(model: PreTrainedModel, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only: decaying norms and biases pulls them away from their role."""
-    # Under ZeRO-3 (zero.Init) a parameter's own data is an empty placeholder; ds_shape is its real shape.
-    decay = [p for p in model.parameters() if p.requires_grad and len(getattr(p, "ds_shape", p.shape)) >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and len(getattr(p, "ds_shape", p.shape)) < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _output_dtype(recipe: Recipe) -> torch.dtype:
-    if recipe.output.dtype != "auto":
-        return DTYPES[recipe.output.dtype]
-    return config_dtype(AutoConfig.from_pretrained(recipe.model.path), torch.float32)
-
-
-def _tracker_config(recipe: Recipe, plan: TrainingPlan) -> dict[str, Any]:
-    """Flat scalars: what tensorboard's hparams accept."""
-    flat = flat_items(recipe.model_dump(mode="json")) | {f"plan.{k}": v for k, v in plan.as_dict().items()}
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
