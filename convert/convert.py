@@ -61,6 +61,7 @@ from gqa.convert.heads import contiguous_groups, merge_per_head, merge_stacked_r
 from gqa.convert.kvcache import kv_cache_bytes_per_token
 from gqa.convert.options import DTYPES, ConvertOptions
 from gqa.convert.outputlock import output_lock
+from gqa.convert.serving import serving_warnings
 from gqa.convert.writer import ShardedSafetensorsWriter, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -291,6 +292,10 @@ def _convert_into(src: Source, staged: Path, options: ConvertOptions) -> Convers
     raw_config, config = load_config(src.path)
     family, geometry = family_for(config.model_type), geometry_of(config)
     out_config = converted_config(config, options.kv_heads, allow_same=options.allow_same)
+    # Before any weight is read: an output that an engine cannot serve as GQA is still converted, but
+    # the user learns it before spending the time.
+    for message in serving_warnings(config.model_type, family.name, geometry.heads, options.kv_heads):
+        log.warning(message)
     if options.method == "aligned" and family.qkv_clip(config) is not None:
         raise GQAError(
             f"--method aligned cannot merge this {family.name} model exactly: its config sets {family.clip_config} "
