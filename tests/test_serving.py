@@ -66,7 +66,7 @@ def test_convert_warns_before_reading_weights(tmp_path, caplog):
     assert not (tmp_path / "out").exists()
 
 
-def test_convert_warning_reaches_stderr_before_the_summary(tmp_path):
+def test_convert_warns_on_stderr_and_still_converts(tmp_path):
     """From the command line, the warning is on stderr and the conversion still completes."""
     src = _tiny("phi", tmp_path / "src")
     gqa = str(Path(sys.executable).with_name("gqa"))
