@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,12 +43,33 @@ sys.path.insert(0, str(REPO / "tests"))  # tiny.py: the tests' tiny family confi
 SCALE = 25.0  # output-head scale: random logits ~N(0, 4) instead of ~N(0, 0.16)
 TIE = 1e-3  # a top-1 margin below this is a tie: either token is a correct greedy choice
 NEW_TOKENS = 16
-# The converter's GemmaModel.set_vocab and Gemma2Model.set_vocab read tokenizer.model (SentencePiece) only.
-SENTENCEPIECE_FAMILIES = {"gemma", "gemma2"}
-# Gemma-2: softcaps small enough to bend the tests' logits would squash these scaled ones into ties: the hub
-# values.
-# Phi: without the q/k LayerNorm, as phi-2 ships (the converter's Phi2Model maps no k_layernorm tensor).
-OVERRIDES = {"gemma2": dict(attn_logit_softcapping=50.0, final_logit_softcapping=30.0), "phi": dict(qk_layernorm=False)}
+# The converter's GemmaModel.set_vocab and Gemma2Model.set_vocab read tokenizer.model (SentencePiece) only;
+# Qwen2Model.set_vocab tries it first, and its BPE path cannot take SmolLM2's vocabulary: transformers 5
+# loads any qwen2 tokenizer as Qwen2Tokenizer, whose pre-tokenizer gives a hash llama.cpp does not know.
+SENTENCEPIECE_FAMILIES = {"gemma", "gemma2", "qwen2"}
+# Where the tests' tiny config departs from what llama.cpp reads, the released models' values instead:
+# - Gemma, Gemma-2, Gemma-3: the output head tied to the embeddings (the converters drop lm_head.weight);
+#   query_pre_attn_scalar = head_dim (gemma2.cpp and gemma3.cpp derive the query scale from the model size);
+#   a window longer than the sequence and, for Gemma-3, one RoPE for both layer types (gemma3.cpp places
+#   global layers by its own every-6th pattern); Gemma-2's hub softcaps (small ones squash scaled logits).
+# - Phi: the MLP at 4 x hidden (Phi2Model.set_gguf_parameters writes that, not intermediate_size), no q/k
+#   LayerNorm (Phi2Model maps no k_layernorm).
+# - StableLM: no q/k LayerNorm (StableLMModel.modify_tensors never writes the stacked per-head norms:
+#   "Unprocessed norms", MHA and GQA alike).
+# - SmolLM3: no RoPE in every 4th layer, over 4 layers (smollm3.cpp fixes n_no_rope_layer_step at 4 and the
+#   converter writes no no_rope_layers; the tests' interval of 2 would be read as RoPE everywhere).
+# - Qwen3-MoE: norm_topk_prob, as the released models set it.
+_GEMMA = dict(tie_word_embeddings=True, query_pre_attn_scalar=16, sliding_window=512)
+OVERRIDES = {
+    "gemma": dict(tie_word_embeddings=True),
+    "gemma2": dict(_GEMMA, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    "gemma3_text": dict(_GEMMA, rope_parameters={t: {"rope_type": "default", "rope_theta": 10000.0}
+                                                 for t in ("sliding_attention", "full_attention")}),  # fmt: skip
+    "phi": dict(qk_layernorm=False, intermediate_size=256),
+    "stablelm": dict(qk_layernorm=False),
+    "smollm3": dict(num_hidden_layers=4, no_rope_layer_interval=4),
+    "qwen3_moe": dict(norm_topk_prob=True),
+}
 
 RUNNER = r"""
 import json, sys
@@ -59,15 +81,16 @@ try:
 except Exception as err:
     print(json.dumps({"error": f"{type(err).__name__}: {err}"}))
     sys.exit(0)
-tokens, margins = [], []
+tokens, margins, first = [], [], None
 llm.eval(prompt)
 for _ in range(n):
     logits = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float64)
-    first, second = np.sort(logits)[-2:][::-1]
+    first = logits.tolist() if first is None else first
+    top1, top2 = np.sort(logits)[-2:][::-1]
     token = int(logits.argmax())
-    tokens.append(token); margins.append(float(first - second))
+    tokens.append(token); margins.append(float(top1 - top2))
     llm.eval([token])
-print(json.dumps({"tokens": tokens, "margins": margins}))
+print(json.dumps({"tokens": tokens, "margins": margins, "first_logits": first}))
 """
 
 
@@ -148,26 +171,26 @@ def hf_greedy(model_dir: Path, prompt: list[int], n: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids, tokens, margins = torch.tensor([prompt]), [], []
+    ids, tokens, margins, first = torch.tensor([prompt]), [], [], None
     with torch.no_grad():
         for _ in range(n):  # the whole sequence each step: no cache, the plainest reference
             logits = model(ids).logits[0, -1].double()
+            first = logits.tolist() if first is None else first
             top = logits.topk(2).values
             token = int(logits.argmax())
             tokens.append(token)
             margins.append(float(top[0] - top[1]))
             ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-    return {"tokens": tokens, "margins": margins}
+    return {"tokens": tokens, "margins": margins, "first_logits": first}
 
 
 def first_error_line(text: str) -> str:
-    """The line that says what went wrong: llama.cpp's own error line, else an exception's message."""
+    """The line that says what went wrong: llama.cpp's own error line, else the exception that ended the
+    run (the last one of a chain)."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for marker in ("error loading model:", "Error:", "Error", "error"):
-        for line in lines:
-            if marker in line and not line.startswith("File "):
-                return line[:300]
-    return (lines[-1] if lines else "(no output)")[:300]
+    found = [line for line in lines if "error loading model:" in line]
+    found = found or [line for line in lines if re.match(r"[\w.]+(Error|Exception)\b", line)]
+    return (found[0] if found and "error loading model:" in found[0] else (found or lines or ["(no output)"])[-1])[:300]
 
 
 def to_gguf(llama_cpp: Path, model_dir: Path, out: Path, sp_path: Path) -> str | None:
@@ -190,23 +213,35 @@ def llama_cpp_greedy(venv: Path, gguf: Path, prompt: list[int], n: int) -> dict:
     return result
 
 
-def fix_kv_heads(llama_cpp: Path, gguf: Path, kv_heads: int, out: Path) -> str:
-    """A copy of `gguf` whose head_count_kv says `kv_heads`; what it said before."""
-    env = {**os.environ, "PYTHONPATH": str(llama_cpp / "gguf-py")}
+def head_count_kv(llama_cpp: Path, gguf: Path) -> tuple[str, int]:
+    """The GGUF's `{arch}.attention.head_count_kv` key and value."""
     read = ("import sys, gguf; r = gguf.GGUFReader(sys.argv[1]); f = r.fields['general.architecture'];"
             "arch = bytes(f.parts[f.data[0]]).decode(); k = f'{arch}.attention.head_count_kv';"
             "print(k, int(r.fields[k].parts[r.fields[k].data[0]][0]))")  # fmt: skip
-    key, before = subprocess.run([sys.executable, "-c", read, str(gguf)], capture_output=True, text=True, env=env,
-                                 check=True).stdout.split()  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(llama_cpp / "gguf-py")}
+    key, value = subprocess.run([sys.executable, "-c", read, str(gguf)], capture_output=True, text=True, env=env,
+                                check=True).stdout.split()  # fmt: skip
+    return key, int(value)
+
+
+def fix_kv_heads(llama_cpp: Path, gguf: Path, key: str, kv_heads: int, out: Path) -> None:
+    """A copy of `gguf` whose head_count_kv says `kv_heads`."""
     shutil.copy(gguf, out)
     subprocess.run([sys.executable, str(llama_cpp / "gguf-py" / "gguf" / "scripts" / "gguf_set_metadata.py"), "--force",
-                    str(out), key, str(kv_heads)], capture_output=True, text=True, env=env, check=True)  # fmt: skip
-    return f"{key} {before} -> {kv_heads}"
+                    str(out), key, str(kv_heads)], capture_output=True, text=True, check=True,
+                   env={**os.environ, "PYTHONPATH": str(llama_cpp / "gguf-py")})  # fmt: skip
 
 
 def compare(hf: dict, engine: dict) -> str:
+    """Greedy tokens side by side, with the largest logit difference after the prompt: a few 1e-3 on these
+    logits (std about 4) is float32 arithmetic done in another order, much more is another function."""
     if "error" in engine:
         return "-"
+    diff = max(abs(a - b) for a, b in zip(hf["first_logits"], engine["first_logits"]))
+    return f"{_tokens(hf, engine)}; max |logit diff| after the prompt {diff:.2g}"
+
+
+def _tokens(hf: dict, engine: dict) -> str:
     for step, (want, got) in enumerate(zip(hf["tokens"], engine["tokens"])):
         if want != got:
             margin = hf["margins"][step]
@@ -236,13 +271,34 @@ def check_family(model_type: str, args, llama_cpp: Path, tokenizers: dict) -> di
         engine = llama_cpp_greedy(args.venv, gguf, prompt, args.new_tokens)
         row[f"{label}_loaded"] = engine.get("error", "ok")
         row[f"{label}_greedy"] = compare(hf, engine)
-        if label == "gqa" and "error" in engine:
+        key, written = head_count_kv(llama_cpp, gguf)
+        row[f"{label}_head_count_kv"] = written
+        if label == "gqa" and "error" in engine and written != args.kv_heads:
             fixed = work / "gqa-kv-fixed.gguf"
-            row["gqa_fix"] = fix_kv_heads(llama_cpp, gguf, args.kv_heads, fixed)
+            fix_kv_heads(llama_cpp, gguf, key, args.kv_heads, fixed)
+            row["gqa_fix"] = f"{key} {written} -> {args.kv_heads}"
             engine = llama_cpp_greedy(args.venv, fixed, prompt, args.new_tokens)
             row["gqa_fix_loaded"] = engine.get("error", "ok")
             row["gqa_fix_greedy"] = compare(hf, engine)
     return row
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as a markdown table: per model, GGUF conversion / head_count_kv written / load / greedy."""
+    lines = ["| family | MHA source: GGUF, head_count_kv, loads, greedy | GQA output: GGUF, head_count_kv, loads, greedy |",
+             "| --- | --- | --- |"]  # fmt: skip
+    for row in rows:
+        cells = []
+        for label in ("mha", "gqa"):
+            parts = [row[f"{label}_converted"]]
+            if f"{label}_head_count_kv" in row:
+                parts += [f"head_count_kv {row[f'{label}_head_count_kv']}", f"loads {row[f'{label}_loaded']}",
+                          row[f"{label}_greedy"]]  # fmt: skip
+            if label == "gqa" and "gqa_fix" in row:
+                parts += [f"with {row['gqa_fix']}: loads {row['gqa_fix_loaded']}", row["gqa_fix_greedy"]]
+            cells.append("; ".join(parts).replace("|", "\\|"))
+        lines.append(f"| {row['family']} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -280,16 +336,7 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), f"({time.perf_counter() - started:.0f} s)", flush=True)
     print()
-    print("| family | MHA source: GGUF / loads / greedy | GQA output: GGUF / loads / greedy |")
-    print("| --- | --- | --- |")
-    for row in rows:
-        cells = []
-        for label in ("mha", "gqa"):
-            cell = " / ".join(row.get(f"{label}_{k}", "-") for k in ("converted", "loaded", "greedy"))
-            if label == "gqa" and "gqa_fix" in row:
-                cell += f"; with {row['gqa_fix']}: loads {row['gqa_fix_loaded']}, greedy {row['gqa_fix_greedy']}"
-            cells.append(cell)
-        print(f"| {row['family']} | {cells[0]} | {cells[1]} |")
+    print(table(rows))
     if args.json:
         args.json.write_text(json.dumps({"seconds_to_build": seconds, "rows": rows}, indent=2))
     return 0

@@ -126,8 +126,9 @@ SERVING: dict[str, tuple[Serving, ...]] = {
                                "config.num_key_value_heads (its model has no q/k LayerNorm: qk_layernorm checkpoints "
                                "do not load there, whatever their KV heads)"),
         _lcpp("StableLMModel (conversion/stablelm.py)", "stablelm.cpp",
-              "StableLMModel.set_gguf_parameters writes head_count_kv from num_key_value_heads and "
-              "modify_tensors stacks num_key_value_heads k_layernorm norms; "),
+              "StableLMModel.set_gguf_parameters writes head_count_kv from num_key_value_heads (a qk_layernorm "
+              "checkpoint does not convert, MHA or GQA: modify_tensors never writes the stacked per-head norms, "
+              "'Unprocessed norms'); "),
     ),
     "olmo": (
         _vllm_hf("OlmoForCausalLM"),
@@ -157,8 +158,8 @@ SERVING: dict[str, tuple[Serving, ...]] = {
         Serving("llama.cpp", NO, "convert_hf_to_gguf.py conversion/phi.py Phi2Model.set_gguf_parameters writes "
                                  "head_count_kv(n_head), the query head count, so src/models/phi2.cpp load_arch_tensors "
                                  "expects K/V of every query head and the smaller k/v tensors fail to load",
-                "phi2.cpp itself sizes K/V from head_count_kv: correcting phi2.attention.head_count_kv in the GGUF "
-                "(gguf-py's gguf_set_metadata.py) makes it load; or serve with vLLM"),
+                "phi2.cpp itself sizes K/V from head_count_kv: write the config's num_key_value_heads into the GGUF "
+                "(gguf-py's gguf_set_metadata.py FILE phi2.attention.head_count_kv G) and it loads; or serve with vLLM"),
     ),
     "gemma2": (
         _vllm_native("gemma2.py", "Gemma2DecoderLayer"),
