@@ -104,12 +104,24 @@ def convert(source: str, out: str | Path, options: ConvertOptions) -> Conversion
         calibration_device(options.device)  # a bad --device fails before anything is read or written
     out = Path(out).expanduser().absolute()
     check_output_location(source, out, options.force)
+    warn_where_not_served(source, options)
     with output_lock(lock_path(out), f"OUT {out}"):
         check_output_location(source, out, options.force)  # again: another conversion may have just finished it
         result = _convert_locked(source, out, options)
     result.out_dir = out
     result.seconds = time.perf_counter() - started
     return result
+
+
+def warn_where_not_served(source: str, options: ConvertOptions) -> None:
+    """Warn, from the source's config alone, for each engine where the output will not serve as GQA: before
+    any weight is downloaded, dequantised or read, so the user learns it before spending the time. The
+    conversion goes on; a --kv-heads that merging cannot reach is refused here already."""
+    _, config = read_source_config(source)
+    converted_config(config, options.kv_heads, allow_same=options.allow_same)
+    family = family_for(config.model_type)
+    for message in serving_warnings(config.model_type, family.name, geometry_of(config).heads, options.kv_heads):
+        log.warning(message)
 
 
 def lock_path(out: Path) -> Path:
@@ -292,10 +304,6 @@ def _convert_into(src: Source, staged: Path, options: ConvertOptions) -> Convers
     raw_config, config = load_config(src.path)
     family, geometry = family_for(config.model_type), geometry_of(config)
     out_config = converted_config(config, options.kv_heads, allow_same=options.allow_same)
-    # Before any weight is read: an output that an engine cannot serve as GQA is still converted, but
-    # the user learns it before spending the time.
-    for message in serving_warnings(config.model_type, family.name, geometry.heads, options.kv_heads):
-        log.warning(message)
     if options.method == "aligned" and family.qkv_clip(config) is not None:
         raise GQAError(
             f"--method aligned cannot merge this {family.name} model exactly: its config sets {family.clip_config} "

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 YES = "yes"  # serves, KV projections and KV cache sized from num_key_value_heads
-NO = "no"  # the engine has the architecture but builds it without fewer KV heads
+NO = "no"  # the engine has the architecture but builds K/V (or a key norm) for every query head
 NOT_SUPPORTED = "not supported"  # the engine lacks the architecture altogether
 UNKNOWN = "unknown"  # the engine code did not settle it
 STATUSES = (YES, NO, NOT_SUPPORTED, UNKNOWN)
