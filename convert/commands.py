@@ -10,6 +10,7 @@ from gqa.convert.convert import convert, read_source_config
 from gqa.convert.options import ConvertOptions, flag_of
 from gqa.convert.families import converts_to_gpt_bigcode, family_for, geometry_of
 from gqa.convert.kvcache import human_bytes, kv_cache_bytes_per_token
+from gqa.convert.serving import ENGINE_BY_KEY
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -110,6 +111,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         print("  legal --kv-heads: none (already one KV head)")
     for note in family.notes:
         print(f"  note: {note}")
+    print_serving(family)
     return 0
 
 
@@ -138,3 +140,14 @@ def inspect_gpt2(source_id: str, config) -> int:
     for note in gpt2.NOTES:
         print(f"  note: {note}")
     return 0
+
+
+def print_serving(family) -> None:
+    """Each engine's record for this family: whether a GQA output serves as GQA there, and the code that says so."""
+    print("  Serves as GQA in:")
+    for record in family.serving:
+        engine = ENGINE_BY_KEY[record.engine]
+        print(f"    {engine.name:<10} {record.status} ({engine.version})")
+        print(f"      {record.evidence}")
+        if record.remedy:
+            print(f"      what to do: {record.remedy}")

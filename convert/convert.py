@@ -58,6 +58,7 @@ from gqa.convert.heads import contiguous_groups, merge_per_head, merge_stacked_r
 from gqa.convert.kvcache import kv_cache_bytes_per_token
 from gqa.convert.options import DTYPES, ConvertOptions
 from gqa.convert.outputlock import output_lock
+from gqa.convert.serving import serving_warnings
 from gqa.convert.writer import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -82,12 +83,26 @@ def convert(source: str, out: str | Path, options: ConvertOptions) -> Conversion
         calibration_device(options.device)  # a bad --device fails before anything is read or written
     out = Path(out).expanduser().absolute()
     check_output_location(source, out, options.force)
+    warn_where_not_served(source, options)
     with output_lock(lock_path(out), f"OUT {out}"):
         check_output_location(source, out, options.force)  # again: another conversion may have just finished it
         result = _convert_locked(source, out, options)
     result.out_dir = out
     result.seconds = time.perf_counter() - started
     return result
+
+
+def warn_where_not_served(source: str, options: ConvertOptions) -> None:
+    """Warn, from the source's config alone, for each engine where the output will not serve as GQA: before
+    any weight is downloaded, dequantised or read, so the user learns it before spending the time. The
+    conversion goes on; a --kv-heads that merging cannot reach is refused here already."""
+    _, config = read_source_config(source)
+    converted_config(config, options.kv_heads, allow_same=options.allow_same)
+    if converts_to_gpt_bigcode(config.model_type):
+        return  # its output is gpt_bigcode, which the serving records do not cover
+    family = family_for(config.model_type)
+    for message in serving_warnings(config.model_type, family.name, geometry_of(config).heads, options.kv_heads):
+        log.warning(message)
 
 
 def lock_path(out: Path) -> Path:

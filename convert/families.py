@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from gqa.convert.errors import GQAError
 from gqa.convert.kvcache import head_dim_of, kv_heads_of
+from gqa.convert.serving import Serving, serving_of
 
 
 LAYER_PREFIX = "model.layers.{i}."  # where each decoder layer's tensors live
@@ -69,6 +70,11 @@ class Family:
     def has_qk_norm(self, rels) -> bool:
         """Whether any of these attention tensors belongs to a q or k norm."""
         return any(rel.split(".")[0] in (self.q_norm, self.k_norm) for rel in rels)
+
+    @property
+    def serving(self) -> tuple[Serving, ...]:
+        """Whether this family's GQA output serves as GQA in each engine (gqa.convert.serving's table)."""
+        return serving_of(self.model_types[0])
 
     @property
     def kv_modules(self) -> tuple[str, ...]:

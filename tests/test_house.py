@@ -42,7 +42,7 @@ def test_the_lower_floor_imports_nothing_from_the_upper_one(path):
 
 
 # The ground the conversion stands on: it knows nothing of merging, writing, publishing or commands.
-FOUNDATION = {"__init__", "errors", "modeldir", "families", "kvcache", "text", "perplexity", "corpus"}
+FOUNDATION = {"__init__", "errors", "modeldir", "families", "serving", "kvcache", "text", "perplexity", "corpus"}
 
 
 @pytest.mark.parametrize("name", sorted(FOUNDATION), ids=str)

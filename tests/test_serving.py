@@ -1,0 +1,95 @@
+"""Where a converted checkpoint serves as GQA: the table covers every family and engine, `gqa inspect`
+shows it, and `gqa convert` warns before it reads any weight."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tiny import build_family_model, save_model
+
+from gqa.convert.families import FAMILIES
+from gqa.convert.serving import ENGINES, SERVING, STATUSES
+from gqa.train.cli import main
+
+
+def test_every_family_has_a_record_for_every_engine():
+    """A family added to FAMILIES without its serving records fails here, naming what is missing."""
+    engines = [engine.key for engine in ENGINES]
+    for family in FAMILIES:
+        for model_type in family.model_types:
+            assert model_type in SERVING, f"{family.name} ({model_type}) has no serving records"
+            records = SERVING[model_type]
+            assert [r.engine for r in records] == engines, f"{model_type}: one record per engine, in ENGINES order"
+            for record in records:
+                assert record.status in STATUSES and record.evidence and record.version, (model_type, record)
+                if record.status != "yes":
+                    assert record.remedy, f"{model_type} on {record.engine}: say what the user can do"
+    assert set(SERVING) == {t for family in FAMILIES for t in family.model_types}, "records of no family"
+
+
+def _tiny(model_type: str, path: Path, kv: int = 8) -> Path:
+    model = build_family_model(model_type, kv=kv)
+    return save_model(model.config, model.state_dict(), path)
+
+
+def test_inspect_shows_where_the_family_serves(tmp_path, capsys):
+    src = _tiny("phi", tmp_path / "src")
+    assert main(["inspect", str(src)]) == 0
+    out = capsys.readouterr().out
+    block = out[out.index("  Serves as GQA in:") :]
+    assert "vLLM       yes (vllm 0.34.0)" in block
+    assert "SGLang     no (sglang 0.5.23)" in block and "sglang/srt/models/phi.py PhiAttention" in block
+    assert "llama.cpp  no (llama.cpp 0c1e570" in block and "Phi2Model.set_gguf_parameters" in block
+    assert "what to do:" in block
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "will not serve as GQA" in r.getMessage()]
+
+
+def test_convert_warns_before_reading_weights(tmp_path, caplog):
+    """The warning comes from the config alone: with the weights gone the conversion fails when it
+    first looks for them, and the warning has already been given; nothing is written."""
+    src = _tiny("olmoe", tmp_path / "src")
+    for weights in src.glob("*.safetensors"):
+        weights.unlink()
+    caplog.set_level(logging.WARNING)
+    assert main(["convert", str(src), str(tmp_path / "out"), "--kv-heads", "2"]) != 0
+    warned = _warnings(caplog)
+    assert len(warned) == 2, warned  # SGLang and llama.cpp
+    assert "in SGLang" in warned[0] and "olmoe.py OlmoeAttention" in warned[0] and "What to do:" in warned[0]
+    assert "in llama.cpp" in warned[1] and "serves as GQA in vLLM" in warned[1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_warns_on_stderr_and_still_converts(tmp_path):
+    """From the command line, the warning is on stderr and the conversion still completes."""
+    src = _tiny("phi", tmp_path / "src")
+    gqa = str(Path(sys.executable).with_name("gqa"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([gqa, "convert", str(src), str(tmp_path / "out"), "--kv-heads", "4"],
+                         capture_output=True, text=True, env=env)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "will not serve as GQA in SGLang" in run.stderr and "will not serve as GQA in llama.cpp" in run.stderr
+    assert "converted" in run.stdout and (tmp_path / "out" / "config.json").exists()
+
+
+def test_no_warning_for_a_family_that_serves_everywhere(tmp_path, caplog):
+    from gqa.convert.convert import ConvertOptions, convert
+
+    caplog.set_level(logging.WARNING)
+    convert(str(_tiny("llama", tmp_path / "src")), tmp_path / "out", ConvertOptions(kv_heads=2))
+    assert _warnings(caplog) == []
+
+
+def test_no_warning_for_an_mha_output(tmp_path, caplog):
+    """KV heads equal to query heads is no GQA checkpoint: Phi, which warns at fewer, does not warn."""
+    from gqa.convert.convert import ConvertOptions, convert
+
+    caplog.set_level(logging.WARNING)
+    convert(str(_tiny("phi", tmp_path / "src")), tmp_path / "out", ConvertOptions(kv_heads=8, allow_same=True))
+    assert _warnings(caplog) == []
