@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from gqa.train.api import load_recipe, run_recipe
 from gqa.train.dataset import prepare_data, training_order
-from train_helpers import REPO, make_model, tiny_overrides, torchrun, write_texts
+from train_helpers import REPO, free_port, make_model, tiny_overrides, torchrun, write_texts
 
 RECIPE = REPO / "recipes" / "tiny-cpu.yaml"
 TESTS = Path(__file__).resolve().parent
@@ -126,3 +126,30 @@ def test_gqa_console_script_dispatches_to_train(tmp_path):
                           cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "model.path:" in done.stderr and "not a directory" in done.stderr
+
+
+def test_two_processes_refuse_a_global_batch_they_cannot_split(tmp_path):
+    """Training counts its processes as a launcher tells them (WORLD_SIZE and RANK, as torchrun sets them):
+    micro batches of 3 on 2 processes do not divide 16 sequences, and each process says so, naming the keys,
+    before any weights (model.path holds a config alone, so loading anything from it would fail otherwise)."""
+    from tiny import tiny_llama_config
+
+    model = tmp_path / "config-only"
+    tiny_llama_config().save_pretrained(model)
+    overrides = [f"model.path={model}", f"output.dir={tmp_path / 'out'}", "logging.trackers=[]", "batch.micro=3"]
+    port = str(free_port())  # for the rendezvous
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "gqa.train", str(RECIPE), *overrides], cwd=tmp_path, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**child_env(), "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                              "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+        for rank in (0, 1)
+    ]
+    for worker in workers:
+        _, stderr = worker.communicate(timeout=300)
+        assert worker.returncode == 2, stderr
+        assert "Traceback" not in stderr, stderr
+        refusal = stderr.strip().splitlines()[-1]
+        assert refusal.startswith("gqa train: error: ") and "batch.micro=3 on 2 process(es)" in refusal, stderr
+        assert "make batch.global_sequences a multiple of 6" in refusal, refusal
+    assert not (tmp_path / "out").exists()

@@ -78,12 +78,16 @@ def tiny_overrides(model_dir: Path, train_file: Path, eval_file: Path, output_di
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def free_port() -> int:
+    """A port nothing listens on, so concurrent runs never share a rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def torchrun(nproc: int = 2) -> list[str]:
     """The start of a torchrun command on a free port, with this interpreter (so any venv works)."""
-    with socket.socket() as probe:  # a free port, so concurrent runs never share a rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
 
 
 def write_shards(root: Path, shards: tuple[tuple[str, ...], ...]) -> tuple[Path, Path]:

@@ -111,9 +111,12 @@ def plan_training(recipe: Recipe, processes: int) -> TrainingPlan:
         global_batch = batch.global_sequences
     per_step = batch.micro * processes
     if global_batch % per_step:
+        # Name the key the recipe sets, in its own unit.
+        given = (f"batch.global_tokens a multiple of {per_step * block}" if batch.global_tokens is not None
+                 else f"batch.global_sequences a multiple of {per_step}")
         raise GQAError(
             f"the global batch ({global_batch} sequences) does not split into micro batches of batch.micro={batch.micro} "
-            f"on {processes} process(es); make batch.global_sequences a multiple of {per_step}"
+            f"on {processes} process(es); make {given}, or change batch.micro"
         )
     tokens_per_step = global_batch * block
     budget = recipe.budget

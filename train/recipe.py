@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import difflib
 import re
+import types
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, ValidationError, field_validator, model_validator
 
 from gqa.convert.errors import GQAError
 
@@ -23,7 +24,29 @@ SHIPPED_PACKAGE = "gqa.recipes"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: YAML has already typed every value, so `true` or "10" where a number goes and `yes` or 1 where a
+    # switch goes are mistakes to name, not values to coerce (lax pydantic would read them as 1, 10, True, True).
+    # No .inf or .nan: no key is meant to take them, and .inf passes every lower bound (lr, max_grad_norm, temperature).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _whole_floats_are_integers(cls, value: Any, info) -> Any:
+        """`tokens: 2e9` is how one writes two billion: a whole float is accepted where an integer goes."""
+        if isinstance(value, float) and value.is_integer() and int in _members(cls.model_fields[info.field_name].annotation):
+            return int(value)
+        return value
+
+
+def _members(annotation: Any) -> tuple[Any, ...]:
+    """The types a field's annotation admits: (int, NoneType) for `int | None`, (int,) for `int`."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        return get_args(annotation)
+    return (annotation,)
+
+
+# AdamW's coefficients: torch refuses anything outside [0, 1), but only once the model is loaded.
+Beta = Annotated[StrictFloat, Field(ge=0, lt=1)]
 
 
 class ModelSection(_Section):
@@ -79,8 +102,8 @@ class BatchSection(_Section):
 
 
 class OptimizerSection(_Section):
-    lr: float = Field(1e-4, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    lr: float = Field(1e-4, gt=0)  # 0 would spend the whole budget changing nothing
+    betas: tuple[Beta, Beta] = Field((0.9, 0.95), strict=False)  # not strict: YAML gives a list, not a tuple
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.1, ge=0)  # applied to matrices only, never to norms or biases
     max_grad_norm: float | None = Field(1.0, gt=0)  # gradient clipping; None: no clipping
@@ -151,8 +174,17 @@ class LoggingSection(_Section):
 
 class OutputSection(_Section):
     dir: str  # the trained model lands here; checkpoints/ and logs/ live inside it
-    max_shard_size: str = "5GB"  # safetensors shard size of the final model
+    max_shard_size: str = "5GB"  # safetensors shard size of the final model: a whole number and KB, MB, GB, KiB, MiB or GiB
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: the input checkpoint's dtype
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard_size(cls, value: str) -> str:
+        # What save_pretrained reads; checked here, since it reads it only after the last step.
+        if not re.fullmatch(r"0*[1-9][0-9]*[KMG]i?B", value, re.IGNORECASE):
+            raise ValueError(f"output.max_shard_size: {value!r} is not a size save_pretrained reads; write a whole "
+                             "number and a unit, e.g. 5GB, 500MB or 2GiB")
+        return value
 
 
 class Recipe(_Section):
@@ -170,7 +202,7 @@ class Recipe(_Section):
     logging: LoggingSection = LoggingSection()
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     resume: str = "auto"  # auto: the newest checkpoint in output.dir if any; never; or a checkpoint path
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # the range numpy's seed takes
 
     @model_validator(mode="after")
     def _teacher_for_distill(self) -> Recipe:
@@ -232,7 +264,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 where = ".".join(parents[: depth + 1])
                 raise GQAError(f"override {item!r}: {where} is a value, not a section")
             node = child
-        node[leaf] = parse_value(value)
+        try:
+            node[leaf] = parse_value(value)
+        except yaml.YAMLError as err:
+            raise GQAError(f"override {item!r}: the value of {key.strip()} is not valid YAML ({getattr(err, 'problem', None) or err}); "
+                           "quote a string as key='\"text\"'") from None
     return merged
 
 
