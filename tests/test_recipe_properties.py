@@ -17,6 +17,7 @@ import string
 from dataclasses import dataclass
 
 import pytest
+import transformers
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -241,7 +242,7 @@ def spies():
     with pytest.MonkeyPatch.context() as mp:
         for stage in ("_setup_data", "_setup_model", "_load_frozen"):
             mp.setattr(loop._Run, stage, refuse)
-        mp.setattr(loop.AutoModelForCausalLM, "from_pretrained", refuse)
+        mp.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)  # the class every module imports
         yield
 
 
