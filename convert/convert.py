@@ -23,7 +23,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, PretrainedConfig
 
-from gqa.convert.card import write_model_card
 from gqa.convert.diskspace import disk_full_is_an_error
 from gqa.convert.modeldir import (
     CONFIG_FILE,
@@ -35,11 +34,10 @@ from gqa.convert.modeldir import (
     resolve_source,
     same_tensor,
     apply_umask,
-    write_provenance,
 )
 from gqa.convert.errors import GQAError
 from gqa.convert.gpt2 import bigcode_config, convert_gpt2
-from gqa.convert.steps import ConversionResult, check_finite, check_space, copy_side_files, provenance, read_finite, write_tensors
+from gqa.convert.steps import ConversionResult, check_finite, check_space, finish_output, read_finite, write_tensors
 from gqa.convert.families import (
     ATTENTION_PREFIX,
     Family,
@@ -55,7 +53,6 @@ from gqa.convert.families import (
 from gqa.convert.aligned import aligned_merge, split_qkvo
 from gqa.convert.grouping import head_distances, permute_heads, similarity_groups
 from gqa.convert.heads import contiguous_groups, merge_per_head, merge_stacked_rows
-from gqa.convert.kvcache import kv_cache_bytes_per_token
 from gqa.convert.options import DTYPES, ConvertOptions
 from gqa.convert.outputlock import output_lock
 from gqa.convert.serving import serving_warnings
@@ -315,24 +312,8 @@ def _convert_into(src: Source, staged: Path, out: Path, options: ConvertOptions)
 
     bytes_written = write_tensors(plan, specs, index, staged, options.shard_size, merge_layer)
     _write_config(raw_config, staged, options.kv_heads, cast)
-    copy_side_files(src.path, staged, options.copy_tokenizer)
     groups = [groups_per_layer[layer] for layer in sorted(groups_per_layer)]
-    write_provenance(staged, provenance(src, config, index, options, geometry, groups, dropped))
-    write_model_card(staged)
-    source_dtype = next((t.dtype for t in index.tensors.values() if t.dtype.is_floating_point), torch.float32)
-    return ConversionResult(
-        out_dir=staged,
-        source=src,
-        family=family.name,
-        geometry=geometry,
-        kv_heads=options.kv_heads,
-        kv_bytes_per_token_before=kv_cache_bytes_per_token(config, dtype=source_dtype),
-        kv_bytes_per_token_after=kv_cache_bytes_per_token(config, options.kv_heads, dtype=cast or source_dtype),
-        tensors_written=len(specs),
-        bytes_written=bytes_written,
-        seconds=0.0,
-        dropped=dropped,
-    )
+    return finish_output(src, staged, config, index, options, geometry, groups, dropped, family.name, (len(specs), bytes_written))
 
 
 def _aligned_pass(src: Source, index, config, out_config, family, geometry, options: ConvertOptions, staged: Path):

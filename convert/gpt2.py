@@ -28,9 +28,7 @@ from gqa.convert import steps  # the steps every conversion shares: finite check
 from gqa.convert.errors import GQAError
 from gqa.convert.families import Geometry
 from gqa.convert.heads import merge_stacked_rows
-from gqa.convert.kvcache import kv_cache_bytes_per_token
-from gqa.convert.modeldir import CheckpointIndex, Source, config_dtype, dtype_name, meta_tensors, same_tensor, write_provenance
-from gqa.convert.card import write_model_card
+from gqa.convert.modeldir import CheckpointIndex, Source, config_dtype, dtype_name, meta_tensors, same_tensor
 from gqa.convert.options import DTYPES, ConvertOptions
 from gqa.convert.writer import TensorSpec
 
@@ -203,23 +201,7 @@ def convert_gpt2(src: Source, config: PretrainedConfig, staged: Path, out: Path,
     # Every output is a plain tensor of the plan, read from the view: no per-layer merge step.
     bytes_written = steps.write_tensors(specs, specs, view, staged, options.shard_size, merge_layer=None)
     out_config.save_pretrained(staged)
-    steps.copy_side_files(src.path, staged, options.copy_tokenizer)
     groups = [[list(range(shape.heads))] for _ in range(shape.layers)]
-    record = steps.provenance(src, config, index, options, shape, groups, dropped)
-    record["conversion"]["model_type"] = TARGET_MODEL_TYPE  # what config.json now says, checked by gqa publish
-    write_provenance(staged, record)
-    write_model_card(staged)
-    source_dtype = next((t.dtype for t in index.tensors.values() if t.dtype.is_floating_point), torch.float32)
-    return steps.ConversionResult(
-        out_dir=staged,
-        source=src,
-        family=FAMILY_NAME,
-        geometry=shape,
-        kv_heads=options.kv_heads,
-        kv_bytes_per_token_before=kv_cache_bytes_per_token(config, dtype=source_dtype),
-        kv_bytes_per_token_after=kv_cache_bytes_per_token(config, options.kv_heads, dtype=cast or source_dtype),
-        tensors_written=len(specs),
-        bytes_written=bytes_written,
-        seconds=0.0,
-        dropped=dropped,
-    )
+    # the provenance records what config.json now says, which gqa publish checks
+    return steps.finish_output(src, staged, config, index, options, shape, groups, dropped, FAMILY_NAME,
+                               (len(specs), bytes_written), model_type=TARGET_MODEL_TYPE)

@@ -16,8 +16,10 @@ from gqa.convert.errors import GQAError
 from gqa.convert.families import ATTENTION_PREFIX, Geometry
 from gqa.convert.diskspace import check_free_space
 from gqa.convert.modeldir import (BIN_INDEX, CARD_FILE, CONFIG_FILE, PROVENANCE_FILE, SAFETENSORS_INDEX, TOKENIZER_FILE,
-                                  WEIGHT_SUFFIXES, CheckpointIndex, Source)
-from gqa.convert.options import ConvertOptions
+                                  WEIGHT_SUFFIXES, CheckpointIndex, Source, write_provenance)
+from gqa.convert.card import write_model_card
+from gqa.convert.kvcache import kv_cache_bytes_per_token
+from gqa.convert.options import DTYPES, ConvertOptions
 from gqa.convert.writer import ShardedSafetensorsWriter, TensorSpec
 
 # Files the conversion writes itself, or that describe the source's weights only.
@@ -143,4 +145,30 @@ def check_space(out: Path, specs: list[TensorSpec], src: Path, options: ConvertO
         out.parent, needed, f"the converted model {out}",
         "free some space there, write OUT somewhere else, or pass --skip-space-check if the file system "
         "stores more than it reports free (compression)",
+    )
+
+
+def finish_output(src: Source, staged: Path, config, index: CheckpointIndex, options: ConvertOptions, geometry: Geometry,
+                  groups, dropped: list[str], family: str, written: tuple[int, int], **conversion) -> ConversionResult:
+    """After the shards and config.json: the side files, the provenance (`conversion` adds to its conversion
+    record) and the card, and what the conversion did. `written`: (tensors, bytes)."""
+    copy_side_files(src.path, staged, options.copy_tokenizer)
+    record = provenance(src, config, index, options, geometry, groups, dropped)
+    record["conversion"].update(conversion)
+    write_provenance(staged, record)
+    write_model_card(staged)
+    source_dtype = next((t.dtype for t in index.tensors.values() if t.dtype.is_floating_point), torch.float32)
+    out_dtype = DTYPES[options.dtype] or source_dtype
+    return ConversionResult(
+        out_dir=staged,
+        source=src,
+        family=family,
+        geometry=geometry,
+        kv_heads=options.kv_heads,
+        kv_bytes_per_token_before=kv_cache_bytes_per_token(config, dtype=source_dtype),
+        kv_bytes_per_token_after=kv_cache_bytes_per_token(config, options.kv_heads, dtype=out_dtype),
+        tensors_written=written[0],
+        bytes_written=written[1],
+        seconds=0.0,
+        dropped=dropped,
     )

@@ -6,6 +6,7 @@ once there is space carries on from the last checkpoint."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -236,3 +237,20 @@ def test_an_eval_report_that_runs_out_of_space_names_the_report_and_keeps_the_sc
     assert "Traceback" not in err
     assert not report.exists()
     assert files_under(disk) == ["ballast"]
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device", "/x/out/model.safetensors"),
+                                   OSError(errno.EROFS, "Read-only file system", "/x/out")])
+def test_the_launchers_entry_reports_a_system_error_as_gqa_does(error, monkeypatch, capsys):
+    """torchrun and accelerate launch start `python -m gqa.train`: a system error there is one line, no traceback."""
+    from gqa.train import commands
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(commands, "run", fail)
+    assert commands.main(["tiny-cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gqa train: error: ") and "Traceback" not in err, err
+    assert ("no space left on the device writing /x/out/model.safetensors" in err) == (error.errno == errno.ENOSPC), err
+    assert error.filename in err

@@ -5,6 +5,7 @@ uninterrupted run; with no whole checkpoint left it refuses, naming the file, an
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -45,6 +46,11 @@ def cut_short(path: Path) -> None:
     path.write_bytes(data[: len(data) * 2 // 3])
 
 
+def garble(path: Path) -> None:
+    """A few bytes of the file overwritten, as a disk error would."""
+    path.write_bytes(b"\x00\x17garbled" + path.read_bytes()[9:])
+
+
 def wrong_shape(path: Path) -> None:
     """A whole safetensors file whose tensors do not fit the model: it passes the size checks, load_state fails."""
     tensors = load_file(path)
@@ -59,6 +65,7 @@ DAMAGE = {
     "model cut short": ("model.safetensors", cut_short, "is cut short", True),
     "optimizer cut short": ("optimizer.bin", cut_short, "optimizer.bin", True),
     "model of the wrong shape": ("model.safetensors", wrong_shape, "does not load (RuntimeError", False),
+    "marker garbled": (rundir.CHECKPOINT_MARKER, garble, "does not read (JSONDecodeError", True),
 }
 
 
@@ -90,7 +97,7 @@ def snapshot(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("damage", ["model cut short", "model of the wrong shape"])
+@pytest.mark.parametrize("damage", ["model cut short", "model of the wrong shape", "marker garbled"])
 def test_a_run_whose_only_checkpoint_is_damaged_is_refused_and_nothing_is_written(ws, tmp_path, damage):
     file, spoil, says, names_file = DAMAGE[damage]
     out = tmp_path / "run"
@@ -119,9 +126,10 @@ def test_checkpoint_damage_names_the_file_and_what_is_wrong(tmp_path):
     save_file({"w": torch.ones(4, 4)}, checkpoint / "model.safetensors")
     torch.save({"state": {0: {"exp_avg": torch.ones(4, 4)}}}, checkpoint / "optimizer.bin")
     torch.save({"step": 2}, checkpoint / "custom_checkpoint_0.pkl")
+    (checkpoint / rundir.CHECKPOINT_MARKER).write_text('{"step": 2, "tokens_seen": 64}')
     assert rundir.checkpoint_damage(checkpoint) is None
 
-    for name in ("model.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl"):
+    for name in (rundir.CHECKPOINT_MARKER, "model.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl"):
         good = (checkpoint / name).read_bytes()
         for length in (0, 5, len(good) - 1):
             (checkpoint / name).write_bytes(good[:length])
@@ -130,3 +138,14 @@ def test_checkpoint_damage_names_the_file_and_what_is_wrong(tmp_path):
         (checkpoint / name).write_bytes(good)
     (checkpoint / "optimizer.bin").write_bytes(bytes(len((checkpoint / "optimizer.bin").read_bytes())))  # zeroed
     assert "optimizer.bin does not load" in rundir.checkpoint_damage(checkpoint)
+
+
+def test_a_garbled_run_file_is_refused_naming_it(ws, tmp_path):
+    out = tmp_path / "run"
+    run(ws, out, **{"budget.stop_at_step": 2})
+    garble(out / rundir.RUN_FILE)
+    before = snapshot(out)
+    with pytest.raises(GQAError, match=rf"{re.escape(str(out / rundir.RUN_FILE))} does not read .*restore it"):
+        run(ws, out)
+    unchanged = {name: data for name, data in snapshot(out).items() if name != rundir.LOCK_FILE}
+    assert unchanged == {name: data for name, data in before.items() if name != rundir.LOCK_FILE}

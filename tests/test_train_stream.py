@@ -252,7 +252,7 @@ def test_a_run_is_the_same_run_whatever_the_keys_its_way_of_reading_leaves_unuse
 def test_a_streamed_run_resumed_at_a_checkpoint_equals_an_uninterrupted_one_bit_for_bit(ws, tmp_path, caplog):
     # One small shard (~70 blocks; 8 held out): 6 steps of 16 blocks cross into the second epoch.
     small = str(ws.files[3])
-    caplog.set_level(logging.INFO, logger="gqa.train.loop")
+    caplog.set_level(logging.INFO, logger="gqa.train")  # the run and its setup stages
     whole = run_recipe(RECIPE, overrides(ws, tmp_path / "whole", **{"data.train": small}))
     plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("plan:"))
     assert "streamed" in plan and "data ready    in " in plan and "one process reads all 1 file(s) of the stream" in plan

@@ -12,6 +12,7 @@ import errno
 import importlib
 import logging
 import sys
+from collections.abc import Callable
 
 from gqa.convert import __version__
 from gqa.convert.errors import GQAError
@@ -53,26 +54,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if not args.debug else logging.DEBUG, format="%(message)s")
+    return run_reporting_errors(args.command, args.debug, lambda: int(importlib.import_module(args._module).run(args) or 0))
+
+
+def run_reporting_errors(command: str, debug: bool, run: Callable[[], int]) -> int:
+    """Run a command; a GQAError or a system error becomes one line on stderr and exit status 2 (a traceback
+    with --debug). `gqa` and `python -m gqa.train` (what torchrun and accelerate launch start) both report so."""
     try:
-        module = importlib.import_module(args._module)
-        return int(module.run(args) or 0)
+        return run()
     except GQAError as err:
-        if args.debug:
+        if debug:
             raise
-        print(f"gqa {args.command}: error: {err}", file=sys.stderr)
+        print(f"gqa {command}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk, a read-only or vanished directory: the system's own words
-        if args.debug:
+        if debug:
             raise
         if err.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk (or quota) in a write no command names itself
             where = f" writing {err.filename}" if err.filename else ""
-            print(f"gqa {args.command}: error: no space left on the device{where}; free some space and run the "
+            print(f"gqa {command}: error: no space left on the device{where}; free some space and run the "
                   "same command again (--debug shows where)", file=sys.stderr)
         else:
-            print(f"gqa {args.command}: error: {err} (--debug shows where)", file=sys.stderr)
+            print(f"gqa {command}: error: {err} (--debug shows where)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"gqa {args.command}: interrupted", file=sys.stderr)
+        print(f"gqa {command}: interrupted", file=sys.stderr)
         return 130
 
 

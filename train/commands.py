@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 
 from gqa.convert.errors import GQAError
@@ -180,10 +179,6 @@ def main(argv: list[str] | None = None) -> int:
     # Launchers start one copy per process; only the first one talks.
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
-    try:
-        return run(args)
-    except GQAError as err:
-        if args.debug:
-            raise
-        print(f"gqa train: error: {err}", file=sys.stderr)
-        return 2
+    from gqa.train.cli import run_reporting_errors
+
+    return run_reporting_errors("train", args.debug, lambda: run(args))

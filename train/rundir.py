@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import os
 import shutil
 import zipfile
@@ -60,8 +61,20 @@ def read_checkpoint(path: Path) -> Checkpoint | None:
     marker = path / CHECKPOINT_MARKER
     if not marker.is_file():
         return None
-    info = json.loads(marker.read_text())
-    return Checkpoint(path=path, step=int(info["step"]), tokens_seen=int(info["tokens_seen"]))
+    info = _marker_info(marker)
+    if info is None:  # garbled on disk: known by its folder's name, and damaged (checkpoint_damage says so)
+        named = re.fullmatch(r"step-(\d+)", path.name)
+        return Checkpoint(path=path, step=int(named.group(1)), tokens_seen=0) if named else None
+    return Checkpoint(path=path, step=info[0], tokens_seen=info[1])
+
+
+def _marker_info(marker: Path) -> tuple[int, int] | None:
+    """(step, tokens seen) from a checkpoint's marker, or None when it does not read."""
+    try:
+        info = json.loads(marker.read_text())
+        return int(info["step"]), int(info["tokens_seen"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def complete_checkpoints(output_dir: Path) -> list[Checkpoint]:
@@ -135,7 +148,16 @@ def prune_checkpoints(output_dir: Path, keep: int) -> None:
 
 def checkpoint_damage(path: Path) -> str | None:
     """What is wrong with a complete checkpoint's files (the first damaged file and why), or None when each
-    looks whole: safetensors headers against file sizes, torch zip archives' directories, small pickles loaded."""
+    looks whole: its marker, safetensors headers against file sizes, torch zip archives' directories, small
+    pickles loaded."""
+    marker = path / CHECKPOINT_MARKER
+    if _marker_info(marker) is None:
+        try:
+            json.loads(marker.read_text())
+            why = "lacks its step or token count"
+        except (OSError, ValueError) as err:
+            why = f"does not read ({type(err).__name__}: {err})"
+        return f"{marker} {why}"
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         if file.suffix == ".safetensors":
             problem = _safetensors_damage(file)
@@ -234,7 +256,13 @@ def resolve_start(recipe: Recipe) -> Checkpoint | None:
             "choose a new or empty output.dir"
         )
     if run_file.is_file():
-        previous = json.loads(run_file.read_text())
+        try:
+            previous = json.loads(run_file.read_text())
+        except ValueError as err:  # garbled on disk
+            raise GQAError(
+                f"{run_file} does not read ({type(err).__name__}: {err}); it records which run output.dir holds and "
+                "how far it got: restore it from a copy, or choose another output.dir"
+            ) from None
         changed = _differences(previous.get("identity", {}), recipe.run_identity())
         if changed:
             raise GQAError(
