@@ -7,8 +7,8 @@ Builds the model from DIR/config.json, sets its trained parameters (build_traina
 over the global batch's predicted tokens, AdamW over the loop's parameter groups, gradient clipping,
 zero_grad(set_to_none)). The optimizer state is created first by a step on zero gradients, so that the
 first real step already holds what every later step holds (weights, moments, gradients, activations).
-Prints one JSON line: the peak resident set (ru_maxrss) minus the resident set just before the model
-was built, in bytes.
+Prints one JSON line: the peak resident set of those steps (VmHWM, reset just before the model is built)
+minus the resident set at that moment, in bytes.
 
 Run it with MALLOC_MMAP_THRESHOLD_ set low (the test does) so that glibc hands every freed tensor back
 to the system: the resident set then follows the live tensors, the way a CUDA allocator's
@@ -42,6 +42,19 @@ def build_trainable(model: torch.nn.Module, settings: dict) -> torch.nn.Module:
 def resident_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def reset_peak() -> None:
+    """Start the peak resident set (VmHWM) afresh at the current one, so the peak read after the steps is theirs
+    alone, not that of whatever ran before them in this process."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_resident_bytes() -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024  # kB
 
 
 def train(config, settings: dict) -> list[torch.nn.Parameter]:
@@ -96,10 +109,10 @@ def main(settings: dict) -> dict:
     small = AutoConfig.from_pretrained(settings["config"], num_hidden_layers=1, vocab_size=64)
     train(small, settings | {"micro": 1, "block": 8, "accumulation": 1})
     gc.collect()
+    reset_peak()
     before = resident_bytes()
     trainable = train(config, settings)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
-    return {"peak": peak - before, "trainable": sum(p.numel() for p in trainable)}
+    return {"peak": peak_resident_bytes() - before, "trainable": sum(p.numel() for p in trainable)}
 
 
 if __name__ == "__main__":
