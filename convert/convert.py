@@ -310,7 +310,8 @@ def _convert_into(src: Source, staged: Path, out: Path, options: ConvertOptions)
             groups_per_layer[unit.layer] = groups = _groups_for(tensors, family, geometry, options, None)
             return merge_attention_unit(tensors, family, geometry, groups, options.method, generator)
 
-    bytes_written = write_tensors(plan, specs, index, staged, options.shard_size, merge_layer)
+    bytes_written = write_tensors(plan, specs, lambda name: read_finite(index, name), staged, options.shard_size,
+                                  merge_layer)
     _write_config(raw_config, staged, options.kv_heads, cast)
     groups = [groups_per_layer[layer] for layer in sorted(groups_per_layer)]
     return finish_output(src, staged, config, index, options, geometry, groups, dropped, family.name, (len(specs), bytes_written))

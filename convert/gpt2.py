@@ -199,7 +199,8 @@ def convert_gpt2(src: Source, config: PretrainedConfig, staged: Path, out: Path,
     steps.check_space(out, specs, src.path, options)
     view = BigCodeView(index, stored, shape, options.method, options.seed)
     # Every output is a plain tensor of the plan, read from the view: no per-layer merge step.
-    bytes_written = steps.write_tensors(specs, specs, view, staged, options.shard_size, merge_layer=None)
+    # the view checks each source tensor before its heads are merged away; no second check of its outputs
+    bytes_written = steps.write_tensors(specs, specs, view.read, staged, options.shard_size, merge_layer=None)
     out_config.save_pretrained(staged)
     groups = [[list(range(shape.heads))] for _ in range(shape.layers)]
     # the provenance records what config.json now says, which gqa publish checks

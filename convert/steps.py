@@ -4,6 +4,7 @@ tensors into shards, the side files copied from the source, and the provenance r
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,15 +59,16 @@ def read_finite(index: CheckpointIndex, name: str) -> torch.Tensor:
     return tensor
 
 
-def write_tensors(plan, specs: list[TensorSpec], index: CheckpointIndex, staged: Path, shard_size: int, merge_layer) -> int:
-    """Stream the plan into shards: passthrough tensors as they are read, each layer's attention
-    as `merge_layer` returns it. Returns the bytes written."""
+def write_tensors(plan, specs: list[TensorSpec], read: Callable[[str], torch.Tensor], staged: Path, shard_size: int,
+                  merge_layer) -> int:
+    """Stream the plan into shards: passthrough tensors as `read` gives them (checked finite by it), each
+    layer's attention as `merge_layer` returns it. Returns the bytes written."""
     writer = ShardedSafetensorsWriter(staged, specs, shard_size)
     try:
         with tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="converting", disable=None) as bar:
             for item in plan:
                 if isinstance(item, TensorSpec):
-                    writer.write(item.name, read_finite(index, item.name).to(item.dtype))
+                    writer.write(item.name, read(item.name).to(item.dtype))
                     bar.update(item.nbytes)
                     continue
                 prefix = ATTENTION_PREFIX.format(i=item.layer)

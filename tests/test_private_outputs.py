@@ -108,7 +108,7 @@ def test_publish_refuses_paths_and_tokens_naming_each(private_home, tmp_path, ca
     rc, output, _ = publish_copy(private_home, tmp_path, capsys)
     assert rc != 0 and "nothing was uploaded" in output and "--redact" in output
     assert "generation_config.json:" in output and "$HF_TOKEN" in output
-    assert f"tokenizer_config.json:" in output and "home directory" in output
+    assert "tokenizer_config.json:" in output and "home directory" in output
     assert TOKEN not in output
 
 
