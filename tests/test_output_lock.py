@@ -125,6 +125,32 @@ def test_under_torchrun_every_process_gets_the_refusal(ws, tmp_path):
     assert "GQAError" not in output, output  # the message, not a traceback (torchrun's own report follows it)
 
 
+class _Writes:
+    """A stderr that keeps each write apart, as the pipe torchrun's processes share receives them."""
+
+    def __init__(self):
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+def test_a_refusal_reaches_stderr_in_one_write_so_processes_sharing_it_never_run_their_lines_together(monkeypatch):
+    from gqa.train.cli import run_reporting_errors
+
+    def refused():
+        raise GQAError("output.dir run is being written by pid 1 on vm")
+
+    stderr = _Writes()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    assert run_reporting_errors("train", False, refused) == 2
+    assert stderr.writes == ["gqa train: error: output.dir run is being written by pid 1 on vm\n"]
+
+
 FORKING_HOLDER = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path

@@ -57,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     return run_reporting_errors(args.command, args.debug, lambda: int(importlib.import_module(args._module).run(args) or 0))
 
 
+def _report(line: str) -> None:
+    """One write per line: under torchrun every process reports into the same stderr, and print's separate
+    newline write lets two processes' lines run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def run_reporting_errors(command: str, debug: bool, run: Callable[[], int]) -> int:
     """Run a command; a GQAError or a system error becomes one line on stderr and exit status 2 (a traceback
     with --debug). `gqa` and `python -m gqa.train` (what torchrun and accelerate launch start) both report so."""
@@ -65,20 +72,20 @@ def run_reporting_errors(command: str, debug: bool, run: Callable[[], int]) -> i
     except GQAError as err:
         if debug:
             raise
-        print(f"gqa {command}: error: {err}", file=sys.stderr)
+        _report(f"gqa {command}: error: {err}")
         return 2
     except OSError as err:  # a full disk, a read-only or vanished directory: the system's own words
         if debug:
             raise
         if err.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk (or quota) in a write no command names itself
             where = f" writing {err.filename}" if err.filename else ""
-            print(f"gqa {command}: error: no space left on the device{where}; free some space and run the "
-                  "same command again (--debug shows where)", file=sys.stderr)
+            _report(f"gqa {command}: error: no space left on the device{where}; free some space and run the "
+                    "same command again (--debug shows where)")
         else:
-            print(f"gqa {command}: error: {err} (--debug shows where)", file=sys.stderr)
+            _report(f"gqa {command}: error: {err} (--debug shows where)")
         return 2
     except KeyboardInterrupt:
-        print(f"gqa {command}: interrupted", file=sys.stderr)
+        _report(f"gqa {command}: interrupted")
         return 130
 
 
