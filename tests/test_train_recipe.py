@@ -78,6 +78,17 @@ def test_wrong_types_name_the_key():
     assert "precision:" in failure("precision=fp8")
 
 
+@pytest.mark.parametrize("override", ["output.dir=''", "model.path='  '", "model.teacher=''", "model.tokenizer=''",
+                                      "data.train=[]", "data.train=[a.txt, '']", "data.eval=[]", "data.cache_dir=''",
+                                      "resume=''"])
+def test_empty_names_are_refused_not_read_as_the_working_directory(override):
+    # An empty output.dir or model.path is Path('') = '.': a run would write into, or read, the working directory.
+    key = override.split("=")[0]
+    assert re.search(rf"{re.escape(key)}: is an empty (name|list)", failure(override)), failure(override)
+    assert recipe(override.split("=")[0] + "=null" if key in ("model.teacher", "model.tokenizer", "data.eval",
+                                                               "data.cache_dir") else "seed=0")  # null still means the default
+
+
 def test_cross_field_rules():
     assert "exactly one of budget.steps, budget.tokens, budget.alpha" in failure("budget.tokens=100")
     assert "budget.alpha needs budget.pretrain_tokens" in failure("budget.steps=null", "budget.alpha=0.05")

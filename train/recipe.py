@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from gqa.convert.errors import GQAError
 
@@ -45,6 +46,16 @@ def _members(annotation: Any) -> tuple[Any, ...]:
     return (annotation,)
 
 
+def _refuse_blank(value: Any) -> Any:
+    """A name that names nothing: an empty output.dir or model.path would be read as the working directory,
+    and an empty data.train list as no data at all, which fail much later or write where nobody asked."""
+    if isinstance(value, list) and not value:
+        raise PydanticCustomError("blank", "is an empty list; name at least one")
+    if any(not name.strip() for name in ([value] if isinstance(value, str) else value or [])):
+        raise PydanticCustomError("blank", "is an empty name; it must name something")
+    return value
+
+
 # AdamW's coefficients: torch refuses anything outside [0, 1), but only once the model is loaded.
 Beta = Annotated[StrictFloat, Field(ge=0, lt=1)]
 
@@ -53,6 +64,8 @@ class ModelSection(_Section):
     path: str  # the converted checkpoint directory (what `gqa convert` wrote)
     teacher: str | None = None  # the source checkpoint; the teacher when loss.kind is distill, and eval's baseline
     tokenizer: str | None = None  # where to load the tokenizer from; default: model.path
+
+    _named = field_validator("path", "teacher", "tokenizer")(_refuse_blank)
 
 
 class DataSection(_Section):
@@ -70,6 +83,8 @@ class DataSection(_Section):
     streaming: bool = False  # read, tokenise and pack data.train on the fly instead of preparing all of it first
     shuffle_buffer: int = Field(1000, ge=1)  # streamed: blocks shuffled in seeded runs, ceil(N / files) consecutive blocks of each file at a time
     eval_blocks: int = Field(256, ge=1)  # streamed, no data.eval: blocks held out from the start of the stream
+
+    _named = field_validator("train", "eval", "text_field", "hub_config", "train_split", "eval_split", "cache_dir")(_refuse_blank)
 
 
 class BudgetSection(_Section):
@@ -177,6 +192,8 @@ class OutputSection(_Section):
     max_shard_size: str = "5GB"  # safetensors shard size of the final model: a whole number and KB, MB, GB, KiB, MiB or GiB
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: the input checkpoint's dtype
 
+    _named = field_validator("dir")(_refuse_blank)
+
     @field_validator("max_shard_size")
     @classmethod
     def _shard_size(cls, value: str) -> str:
@@ -203,6 +220,8 @@ class Recipe(_Section):
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     resume: str = "auto"  # auto: the newest checkpoint in output.dir if any; never; or a checkpoint path
     seed: int = Field(0, ge=0, lt=2**32)  # the range numpy's seed takes
+
+    _named = field_validator("resume")(_refuse_blank)
 
     @model_validator(mode="after")
     def _teacher_for_distill(self) -> Recipe:
