@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_flatten
 from gqa.convert.errors import GQAError
 from gqa.convert.families import trained_family_for
 from gqa.convert.modeldir import DTYPES, config_dtype
-from gqa.train.params import apply_lora, trainable_names, weights_dtype
+from gqa.train.params import prepare_model, weights_dtype
 from gqa.train.recipe import Recipe, model_directory
 
 
@@ -88,32 +88,14 @@ def _read_config(path: str, key: str):
         raise GQAError(f"{key}: cannot read the config of {path}: {err}") from None
 
 
-def set_trainable(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
-    """The model with the recipe's trained parameter set (train.params) requiring gradients, set up by the
-    loop's own code: all, attention, kv, or lora (gqa.train.params.apply_lora)."""
-    which = recipe.train.params
-    if which == "lora":
-        return apply_lora(model, recipe.train.lora)
-    chosen = trainable_names(model, which)
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in chosen)
-    return model
-
-
 def build_model(config, recipe) -> torch.nn.Module:
-    """The recipe's model on the meta device (exact shapes, no storage), set up as the loop sets it up:
-    the weights' dtype (gqa.train.params.weights_dtype), gradient checkpointing and the trained parameter set."""
+    """The recipe's model on the meta device (exact shapes, no storage), set up as the loop sets it up
+    (gqa.train.params.weights_dtype and prepare_model)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"), _quiet():
         model = AutoModelForCausalLM.from_config(config, dtype=weights_dtype(recipe.train.params, config_dtype(config)))
-        model.config.use_cache = False
-        if recipe.train.gradient_checkpointing:
-            if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.x on
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return set_trainable(model, recipe)
+        return prepare_model(model, recipe.train, recipe.seed)
 
 
 def _measure(recipe: Recipe, config=None) -> StepProfile:

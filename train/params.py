@@ -21,7 +21,7 @@ from gqa.convert.errors import GQAError
 from gqa.convert.families import Family, trained_family_for
 
 if TYPE_CHECKING:
-    from gqa.train.recipe import LoraSection
+    from gqa.train.recipe import LoraSection, TrainSection
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,31 @@ def select_trainable(model: nn.Module, which: str) -> list[nn.Parameter]:
             trainable.append(param)
     _log_trainable(model, which)
     return trainable
+
+
+def prepare_model(model: nn.Module, train: TrainSection, seed: int) -> nn.Module:
+    """The model set up as training runs it: no KV cache, gradient checkpointing when train asks for it, and
+    the trained parameter set (train.params) requiring gradients, under lora the peft model. The loop and
+    the memory plan both build their model through here, so the plan measures the model that trains.
+
+    The adapters' initial values come from `seed` alone, whatever drew random numbers before; the global
+    generator is left as it was.
+    """
+    model.config.use_cache = False
+    if train.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.x on
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if train.params != "lora":
+        select_trainable(model, train.params)
+        return model
+    # With gradient checkpointing and frozen embeddings, the checkpointed layers' inputs must still carry
+    # gradients to the adapters: transformers' activation_checkpointing_enable and peft's get_peft_model
+    # both hook the input embeddings for that (enable_input_require_grads).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return apply_lora(model, train.lora)
 
 
 # --- LoRA -----------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from gqa.convert.modeldir import (
 from gqa.train import rundir
 from gqa.train.dataset import PreparedData, make_collate, prepare_data, training_order
 from gqa.train.stream import StreamLoader
-from gqa.train.params import apply_lora, lora_record, select_trainable, weights_dtype
+from gqa.train.params import lora_record, prepare_model, weights_dtype
 from gqa.train.recipe import Recipe, model_directory
 from gqa.train.tasks import TaskSettings, task_manager
 
@@ -65,22 +65,9 @@ class RunSetup:
         # fp32 master weights; under lora the frozen base keeps a 16-bit checkpoint's dtype (see params.weights_dtype)
         dtype = weights_dtype(recipe.train.params, config_dtype(self.config))
         model = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=dtype)
-        model.config.use_cache = False  # no KV cache while training
-        if recipe.train.gradient_checkpointing:
-            if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.x on
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = prepare_model(model, recipe.train, recipe.seed)
         if recipe.train.params != "lora":
-            select_trainable(model, recipe.train.params)
             return model
-        # With gradient checkpointing and frozen embeddings, the checkpointed layers' inputs must still carry
-        # gradients to the adapters: transformers' activation_checkpointing_enable and peft's get_peft_model
-        # both hook the input embeddings for that (enable_input_require_grads).
-        # The adapters' initial values come from the seed alone, whatever ran before (data preparation).
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(recipe.seed)
-            model = apply_lora(model, recipe.train.lora)
         self.lora = lora_record(model, recipe.train.lora)
         return model
 
