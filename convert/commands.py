@@ -9,7 +9,8 @@ from gqa.convert import gpt2
 from gqa.convert.convert import convert, read_source_config
 from gqa.convert.options import ConvertOptions, flag_of
 from gqa.convert.families import converts_to_gpt_bigcode, family_for, geometry_of
-from gqa.convert.kvcache import human_bytes, kv_cache_bytes_per_token
+from gqa.convert.kvcache import kv_cache_bytes_per_token
+from gqa.convert.sizes import human_bytes
 from gqa.convert.serving import ENGINE_BY_KEY
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from gqa.convert.errors import GQAError
-from gqa.convert.kvcache import human_bytes
+from gqa.convert.sizes import human_bytes
 
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 FULL_WORDS = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122")

@@ -22,11 +22,3 @@ def kv_cache_bytes_per_token(config, kv_heads: int | None = None, dtype: torch.d
     kv_heads = kv_heads_of(config) if kv_heads is None else kv_heads
     dtype = dtype or config_dtype(config, torch.float32)
     return 2 * config.num_hidden_layers * kv_heads * head_dim_of(config) * dtype.itemsize
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")

@@ -17,35 +17,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from gqa.convert.errors import GQAError
 from gqa.convert.modeldir import DTYPES as DTYPE_BY_NAME
 from gqa.convert.heads import METHOD_HELP, METHODS
+from gqa.convert.sizes import format_size, parse_size
 
 GROUPINGS = ("contiguous", "similarity")
 DTYPES = {"auto": None, **{name: DTYPE_BY_NAME[name] for name in ("bf16", "fp16", "fp32")}}  # --dtype's choices
-SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB' (10^9), '500MB', '2GiB' (2^30) or a plain number of bytes."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise GQAError(f"cannot read '{text}' as a size in bytes; write e.g. 5GB, 500MB or 2GiB.")
-    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
-    size = int(number * SIZE_UNITS[unit])
-    if size <= 0:
-        raise GQAError(f"size '{text}' must be positive.")
-    return size
-
-
-def format_size(size: int) -> str:
-    """A size as parse_size reads it back, in the largest unit that divides it: 5GB, 2GiB, 1234B."""
-    for unit, scale in sorted(SIZE_UNITS.items(), key=lambda item: -item[1]):
-        if size and size % scale == 0:
-            return f"{size // scale}{unit.replace('I', 'i')}"
-    return f"{size}B"
-
-
 @dataclass(frozen=True)
 class Flag:
     """How a ConvertOptions field appears as a `gqa convert` flag. The flag is --NAME (the field's
@@ -60,7 +35,7 @@ class Flag:
 
 
 def _size(value: Any) -> Any:
-    return parse_size(value) if isinstance(value, str) else value
+    return parse_size(value, "--shard-size") if isinstance(value, str) else value
 
 
 def _path(value: Any) -> Any:

@@ -37,7 +37,8 @@ from transformers import AutoConfig
 from gqa.convert import __version__
 from gqa.convert.card import card_problems, render_card
 from gqa.convert.errors import GQAError
-from gqa.convert.kvcache import human_bytes, kv_heads_of
+from gqa.convert.kvcache import kv_heads_of
+from gqa.convert.sizes import human_bytes
 from gqa.convert.modeldir import (
     CARD_FILE,
     CONFIG_FILE,

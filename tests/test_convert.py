@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from gqa.convert import modeldir, writer
 from gqa.convert.modeldir import read_provenance
 from gqa.convert.convert import ConvertOptions, convert
-from gqa.convert.options import parse_size
+from gqa.convert.sizes import parse_size
 from gqa.convert.families import family_for
 
 

@@ -17,7 +17,8 @@ from transformers import LlamaConfig
 from gqa.convert.errors import GQAError
 from gqa.train.cli import main as gqa
 from gqa.train.launch import Launch, launch_from_config, launch_from_environment, resolve_launch
-from gqa.train.memory import check_run, estimate_memory, parse_size, plan_memory
+from gqa.convert.sizes import human_bytes, parse_size
+from gqa.train.memory import check_run, estimate_memory, plan_memory
 from gqa.train.recipe import load_recipe
 from tiny import FAMILY_TYPES, family_config
 
@@ -317,14 +318,22 @@ def test_the_launch_is_read_as_accelerate_exposes_it():
         resolve_launch("fsdp2", 8)
 
 
-def test_sizes_read_like_the_hub_writes_them():
-    assert parse_size("80GB") == 80 * 10**9 == parse_size("80 GB") == parse_size("80")
+def test_sizes_read_like_the_hub_writes_them_and_print_in_powers_of_two():
+    assert parse_size("80GB") == 80 * 10**9 == parse_size("80 GB") == parse_size("80gb")
     assert parse_size("79.6GiB") == int(79.6 * 2**30)
     assert parse_size("24000MB") == 24 * 10**9
-    assert parse_size("1024B") == 1024
-    for bad in ("eighty", "80XB", "0GB"):
-        with pytest.raises(GQAError, match="gpu-memory"):
-            parse_size(bad)
+    assert parse_size("1024B") == 1024 == parse_size("1024") == parse_size(1024)
+    for bad in ("eighty", "80XB", "80G", "0GB", "-1GB"):
+        with pytest.raises(GQAError, match="--gpu-memory"):
+            parse_size(bad, "--gpu-memory")
+    with pytest.raises(GQAError, match="--gpu-memory: '80' has no unit; write for example 80GB"):
+        parse_size("80", "--gpu-memory", unit_required=True)
+    assert [human_bytes(n) for n in (512, 46_080, 80 * 10**9, 2**40)] == ["512 B", "45.00 KiB", "74.51 GiB", "1.00 TiB"]
+
+
+def test_a_gpu_memory_without_a_unit_is_refused_before_planning(capsys):
+    assert gqa(["train", "tiny-cpu", "--plan", "--gpu-memory", "24"]) != 0
+    assert "--gpu-memory: '24' has no unit; write for example 24GB" in capsys.readouterr().err
 
 
 # --- before step 1 -------------------------------------------------------------------------------

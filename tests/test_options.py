@@ -10,7 +10,8 @@ from tiny import build_family_model, save_model
 import gqa.convert.commands as commands
 from gqa.convert.convert import convert
 from gqa.convert.errors import GQAError
-from gqa.convert.options import ConvertOptions, flag_of, format_size
+from gqa.convert.options import ConvertOptions, flag_of
+from gqa.convert.sizes import format_size
 from gqa.train.cli import main
 
 # The command line's contract: the flag each field has had since before the flags were generated.
@@ -132,8 +133,8 @@ def test_every_flag_reaches_its_field(source, tmp_path, captured):
         (["--method", "bogus"], "unknown method 'bogus'; choose one of mean, first, random, aligned."),
         (["--grouping", "bogus"], "unknown grouping 'bogus'; choose one of contiguous, similarity."),
         (["--dtype", "fp8"], "unknown dtype 'fp8'; choose one of auto, bf16, fp16, fp32."),
-        (["--shard-size", "lots"], "cannot read 'lots' as a size in bytes"),
-        (["--shard-size", "0"], "size '0' must be positive."),
+        (["--shard-size", "lots"], "--shard-size: cannot read 'lots' as a size"),
+        (["--shard-size", "0"], "--shard-size: '0' must be more than zero bytes"),
         (["--method", "aligned", "--refine-steps", "-1"], "--refine-steps must be at least 0"),
         (["--method", "aligned", "--refine-lr", "0"], "--refine-lr greater than 0"),
         (["--method", "aligned", "--refine-batch", "0"], "--refine-batch at least 1"),

@@ -133,10 +133,15 @@ def run_plan(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from gqa.train.launch import resolve_launch
-    from gqa.train.memory import device_memory, parse_size, plan_memory
+    from gqa.convert.sizes import parse_size
+    from gqa.train.memory import device_memory, plan_memory
     from gqa.train.plan import plan_training
     from gqa.train.recipe import load_recipe
 
+    if args.gpu_memory is not None:  # checked first: a typo here wastes no time
+        capacity, source = parse_size(args.gpu_memory, "--gpu-memory", unit_required=True), f"--gpu-memory {args.gpu_memory}"
+    else:
+        capacity, source = device_memory(), "this machine's CUDA device"
     recipe = load_recipe(args.recipe, args.overrides)
     config, converted = None, ""
     if (args.source is None) != (args.kv_heads is None):
@@ -153,10 +158,6 @@ def run_plan(args: argparse.Namespace) -> int:
                      f"{geometry_of(source_config).kv_heads}): its config alone, nothing converted (--source)")
     launch = resolve_launch(args.launch, args.processes)
     plan = plan_training(recipe, launch.processes)
-    if args.gpu_memory is not None:
-        capacity, source = parse_size(args.gpu_memory), f"--gpu-memory {args.gpu_memory}"
-    else:
-        capacity, source = device_memory(), "this machine's CUDA device"
     # A GPU when one is named or here, or the launch spreads over GPUs; else the host memory of a CPU run.
     device = "cuda" if capacity is not None or launch.kind != "one" else "cpu"
     memory = plan_memory(recipe, launch, plan.accumulation, device, capacity, source, config=config)

@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from gqa.convert.convert import convert
-    from gqa.convert.kvcache import human_bytes
+    from gqa.convert.sizes import human_bytes
     from gqa.train.api import run_recipe, write_corpus
     from gqa.train.docs_tasks import write_tasks
     from gqa.train.evaluate import evaluate

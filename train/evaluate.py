@@ -38,7 +38,8 @@ from gqa.convert.modeldir import (
 )
 from gqa.convert.modeldir import DTYPES as DTYPE_BY_NAME
 from gqa.convert.errors import GQAError
-from gqa.convert.kvcache import human_bytes, kv_heads_of
+from gqa.convert.kvcache import kv_heads_of
+from gqa.convert.sizes import human_bytes
 from gqa.train import report
 from gqa.train.decode import greedy, measure_decode, measure_kv_cache, prompt_of
 from gqa.train.heldout import CONVENTIONS, held_out, read_documents, score_windows

@@ -28,12 +28,12 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass, replace
 
 import torch
 
 from gqa.convert.errors import GQAError
+from gqa.convert.sizes import human_bytes
 from gqa.train.activations import StepProfile, measured_step
 from gqa.train.launch import LAUNCH_NAMES, Launch, launch_of
 from gqa.train.plan import plan_training
@@ -42,36 +42,8 @@ from gqa.train.recipe import Recipe
 logger = logging.getLogger(__name__)
 
 # CUDA holds more than the tensors: its context, NCCL's buffers and the caching allocator's slack.
-RESERVE_BYTES = 1_000_000_000
+RESERVE_BYTES = 2**30
 RESERVE_FRACTION = 0.05
-
-
-# --- sizes ------------------------------------------------------------------------------------------
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?(b)?\s*$", re.IGNORECASE)
-_PREFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """Bytes of a size such as 80GB, 80 GB, 80G, 79.6GiB, 24000MB, 1024B; a bare number is in GB (10^9 bytes)."""
-    match = _SIZE.match(str(text))
-    if match is None:
-        raise GQAError(f"--gpu-memory {text!r} is not a size; write for example 80GB, 24GB or 79.6GiB")
-    number, prefix, unit = match.groups()
-    factor = _PREFIXES[prefix.lower()] if prefix else (1 if unit else 10**9)
-    size = int(float(number) * factor)
-    if size <= 0:
-        raise GQAError(f"--gpu-memory {text!r} must be more than zero")
-    return size
-
-
-def format_bytes(n: float) -> str:
-    if n >= 10**9:
-        return f"{n / 10**9:.2f} GB"
-    if n >= 10**6:
-        return f"{n / 10**6:.1f} MB"
-    return f"{n / 10**3:.1f} KB"
 
 
 def device_memory(device: torch.device | str | None = None) -> int | None:
@@ -141,45 +113,45 @@ class MemoryEstimate:
             weights_note = f"{self.precision}, and fp32 master weights of the trainable ones (sharded)"
         gc_on = "with" if self.gradient_checkpointing else "without"
         gc_off = "without" if self.gradient_checkpointing else "with"
-        other = f" ({gc_off}: {format_bytes(self.activations_other)})" if self.activations_other is not None else ""
+        other = f" ({gc_off}: {human_bytes(self.activations_other)})" if self.activations_other is not None else ""
         autocast = "fp32"
         if self.precision != "fp32":
             autocast = self.precision if kind.startswith("zero") else f"{self.precision} autocast"
         unsharded = ""
         if self.unsharded_gradients:
-            unsharded = (f"; and {format_bytes(self.unsharded_gradients)} unsharded, held across the step's "
+            unsharded = (f"; and {human_bytes(self.unsharded_gradients)} unsharded, held across the step's "
                          f"{self.accumulation} micro batches (FSDP2 reduce-scatters them on the last)")
         rows = [
             ("memory", f"per process, {self.launch.describe()} ({self.launch.source}), on {self.device.upper()}"),
-            ("  weights", f"{format_bytes(self.weights)}: {self.total_params:,} parameters, {weights_note}"
+            ("  weights", f"{human_bytes(self.weights)}: {self.total_params:,} parameters, {weights_note}"
                           f"{share('fsdp', 'zero3')}"),
-            ("  gradients", f"{format_bytes(self.gradients)}: {self.trainable_params:,} trainable parameters "
+            ("  gradients", f"{human_bytes(self.gradients)}: {self.trainable_params:,} trainable parameters "
                             f"(train.params={self.params}), fp32{share('fsdp', 'zero2', 'zero3')}"
                             f"{unsharded}"),
         ]
         if self.buckets:
-            rows.append(("  buckets", f"{format_bytes(self.buckets)}: DDP's fp32 gradient buckets for the all-reduce"))
-        rows.append(("  optimizer", f"{format_bytes(self.optimizer)}: AdamW, 2 fp32 moments per trainable parameter"
-                                    f"{share('fsdp', 'zero1', 'zero2', 'zero3')}; {format_bytes(self.optimizer_scratch)} "
+            rows.append(("  buckets", f"{human_bytes(self.buckets)}: DDP's fp32 gradient buckets for the all-reduce"))
+        rows.append(("  optimizer", f"{human_bytes(self.optimizer)}: AdamW, 2 fp32 moments per trainable parameter"
+                                    f"{share('fsdp', 'zero1', 'zero2', 'zero3')}; {human_bytes(self.optimizer_scratch)} "
                                     "more while it steps"))
-        rows.append(("  activations", f"{format_bytes(self.activations)}: {self.micro_batch} x {self.block_size} tokens, "
+        rows.append(("  activations", f"{human_bytes(self.activations)}: {self.micro_batch} x {self.block_size} tokens, "
                                       f"{autocast}, {gc_on} gradient checkpointing{other}; "
-                                      f"logits and loss {format_bytes(self.logits)} of it (vocabulary {self.vocab_size:,})"))
+                                      f"logits and loss {human_bytes(self.logits)} of it (vocabulary {self.vocab_size:,})"))
         if self.gathered:
-            rows.append(("  gathered", f"{format_bytes(self.gathered)}: the embeddings and two layers' parameters and "
+            rows.append(("  gathered", f"{human_bytes(self.gathered)}: the embeddings and two layers' parameters and "
                                        "one layer's gradients gathered in full while they compute"))
         if self.teacher:
-            rows.append(("  teacher", f"{format_bytes(self.teacher)}: {self.teacher_params:,} parameters in "
+            rows.append(("  teacher", f"{human_bytes(self.teacher)}: {self.teacher_params:,} parameters in "
                                       f"{self.precision}, a full copy on every process"))
         if self.reserve:
-            rows.append(("  reserve", f"{format_bytes(self.reserve)}: CUDA context, communication buffers, allocator "
-                                      f"slack ({format_bytes(RESERVE_BYTES)} + {RESERVE_FRACTION:.0%})"))
+            rows.append(("  reserve", f"{human_bytes(self.reserve)}: CUDA context, communication buffers, allocator "
+                                      f"slack ({human_bytes(RESERVE_BYTES)} + {RESERVE_FRACTION:.0%})"))
         note = ""
         if self.accumulation == 1 and self.peak < self.parts_sum:
             note = " (less than the sum: with accumulation 1, gradients build up as the activations are freed)"
         if self.launch.offload:
             note += "; the config offloads to the CPU, which the estimate does not model (an upper bound)"
-        rows.append(("  total", f"{format_bytes(self.total)} at the peak of a step{note}"))
+        rows.append(("  total", f"{human_bytes(self.total)} at the peak of a step{note}"))
         return rows
 
 
@@ -285,26 +257,26 @@ class MemoryPlan:
             if self.estimate.device == "cuda":
                 rows.append(("  fits", "unknown: pass --gpu-memory SIZE (e.g. 80GB) to check a GPU"))
             return rows
-        gpu = f"{format_bytes(self.capacity)} ({self.capacity_source})"
+        gpu = f"{human_bytes(self.capacity)} ({self.capacity_source})"
         if self.fits:
-            rows.append(("  fits", f"yes: {format_bytes(self.estimate.total)} of {gpu}"))
+            rows.append(("  fits", f"yes: {human_bytes(self.estimate.total)} of {gpu}"))
             return rows
-        rows.append(("  fits", f"no: {format_bytes(self.estimate.total)} per process, more than {gpu}"))
+        rows.append(("  fits", f"no: {human_bytes(self.estimate.total)} per process, more than {gpu}"))
         rows.append(("  change", self.advice()))
         return rows
 
     def advice(self) -> str:
         if self.suggestion is not None:
             s = self.suggestion
-            return f"{s.change}: {format_bytes(s.estimate.total)} per process ({s.cost})"
+            return f"{s.change}: {human_bytes(s.estimate.total)} per process ({s.cost})"
         return (f"none of {', '.join(self.tried)} fits, alone or with gradient checkpointing; "
                 "a GPU with more memory, or a smaller block size (data.block_size)")
 
     def refusal(self) -> str:
         """The error that stops a run before step 1 when the estimate does not fit."""
         return (
-            f"the memory plan needs {format_bytes(self.estimate.total)} per process at the peak of a step, more than "
-            f"{format_bytes(self.capacity)} ({self.capacity_source}): this run would run out of memory. "
+            f"the memory plan needs {human_bytes(self.estimate.total)} per process at the peak of a step, more than "
+            f"{human_bytes(self.capacity)} ({self.capacity_source}): this run would run out of memory. "
             f"Change: {self.advice()}. `gqa train RECIPE --plan` shows the whole estimate; --skip-memory-check "
             "trains anyway"
         )
@@ -397,5 +369,5 @@ def check_run(recipe: Recipe, accumulation: int, accelerator, check: bool = True
         if check:
             raise GQAError(memory.refusal())
         logger.warning("memory plan: %s per process, more than %s; training anyway (--skip-memory-check)",
-                       format_bytes(memory.estimate.total), format_bytes(memory.capacity))
+                       human_bytes(memory.estimate.total), human_bytes(memory.capacity))
     return memory

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
 from gqa.convert.diskspace import disk_full_is_an_error, remove  # noqa: E402
-from gqa.convert.kvcache import human_bytes  # noqa: E402
+from gqa.convert.sizes import human_bytes  # noqa: E402
 from gqa.convert.modeldir import apply_umask  # noqa: E402
 
 logger = logging.getLogger(__name__)
