@@ -370,7 +370,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "publish") -> Non
                         help="upload the README.md in DIR as it is (after checking its claims) instead of regenerating it")
     parser.add_argument("--redact", action="store_true",
                         help="rewrite local paths (to their names), the home directory, the user name and tokens "
-                        "(to <redacted>) in the files to upload, instead of refusing to publish them")
+                        "(to <redacted>) in the files to upload, in DIR itself (with --dry-run too), instead of refusing to publish them")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ import yaml
 
 from gqa.convert.errors import GQAError
 from gqa.train.plan import plan_training
-from gqa.train.recipe import Recipe, apply_overrides, flat_items, load_recipe, recipe_from_dict
+from gqa.train.recipe import Recipe, apply_overrides, flat_items, load_recipe, model_directory, recipe_from_dict
 from train_helpers import REPO
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -87,6 +87,17 @@ def test_empty_names_are_refused_not_read_as_the_working_directory(override):
     assert re.search(rf"{re.escape(key)}: is an empty (name|list)", failure(override)), failure(override)
     assert recipe(override.split("=")[0] + "=null" if key in ("model.teacher", "model.tokenizer", "data.eval",
                                                                "data.cache_dir") else "seed=0")  # null still means the default
+
+
+def test_a_home_path_means_the_users_home_as_on_the_command_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    r = recipe("model.path=~/m", "model.teacher=~/t", "model.tokenizer=~/tok", "output.dir=~/out", "data.cache_dir=~/c")
+    assert (r.model.path, r.model.teacher, r.model.tokenizer) == (f"{tmp_path}/m", f"{tmp_path}/t", f"{tmp_path}/tok")
+    assert (r.output.dir, r.data.cache_dir) == (f"{tmp_path}/out", f"{tmp_path}/c")
+    assert model_directory("model.path", r.model.path) == tmp_path / "m"
+    assert recipe("model.path=runs/~m").model.path == "runs/~m"  # only a leading ~ is the home
 
 
 def test_cross_field_rules():

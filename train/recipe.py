@@ -8,6 +8,7 @@ source of truth. Unknown keys and wrong types are errors that name the key. `key
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import types
 from importlib import resources
@@ -56,6 +57,12 @@ def _refuse_blank(value: Any) -> Any:
     return value
 
 
+def _expand_home(value: Any) -> Any:
+    """~/runs/x as the shell would read it (a recipe file is not read by a shell), so a path means the same
+    written in a recipe, in an override or on gqa convert's command line."""
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+
 # AdamW's coefficients: torch refuses anything outside [0, 1), but only once the model is loaded.
 Beta = Annotated[StrictFloat, Field(ge=0, lt=1)]
 
@@ -66,6 +73,7 @@ class ModelSection(_Section):
     tokenizer: str | None = None  # where to load the tokenizer from; default: model.path
 
     _named = field_validator("path", "teacher", "tokenizer")(_refuse_blank)
+    _home = field_validator("path", "teacher", "tokenizer")(_expand_home)
 
 
 class DataSection(_Section):
@@ -85,6 +93,7 @@ class DataSection(_Section):
     eval_blocks: int = Field(256, ge=1)  # streamed, no data.eval: blocks held out from the start of the stream
 
     _named = field_validator("train", "eval", "text_field", "hub_config", "train_split", "eval_split", "cache_dir")(_refuse_blank)
+    _home = field_validator("cache_dir")(_expand_home)
 
 
 class BudgetSection(_Section):
@@ -193,6 +202,7 @@ class OutputSection(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: the input checkpoint's dtype
 
     _named = field_validator("dir")(_refuse_blank)
+    _home = field_validator("dir")(_expand_home)
 
     @field_validator("max_shard_size")
     @classmethod
@@ -352,8 +362,8 @@ def model_directory(key: str, path: str) -> Path:
                 f"downloads it: write it first with `gqa convert SOURCE {path} --kv-heads G`, or plan before "
                 "converting with `gqa train RECIPE --plan --source SOURCE --kv-heads G`"
             )
-        raise GQAError(f"{key}: {path} is not a directory; point it at a checkpoint directory on disk "
-                       "(gqa train never downloads one)")
+        raise GQAError(f"{key}: {path} is not a directory; point it at a checkpoint directory on disk (gqa train "
+                       "never downloads one; `hf download OWNER/NAME --local-dir DIR` fetches a hub model into DIR)")
     if not (directory / "config.json").is_file():
         raise GQAError(f"{key}: {path} holds no config.json; point it at a transformers checkpoint directory")
     return directory
