@@ -1,6 +1,6 @@
 """Converter benchmark: `gqa convert` against `cp -r` of the same checkpoint, side by side.
 
-The bar from the issue: converting a 7B-shaped Llama (bf16, ~13.5 GB, sharded) to 8 KV heads takes
+The targets: converting a 7B-shaped Llama (bf16, ~13.5 GB, sharded) to 8 KV heads takes
 at most 1.2 times as long as copying the checkpoint directory, and the converter's peak resident
 memory stays at or below 1.5 GiB. Memory-mapped pages count toward RSS, so a converter that maps
 whole shards and touches them all fails the memory bar even though it allocates little itself.
@@ -21,7 +21,7 @@ What one run does:
 Smoke version (seconds):
     .venv/bin/python bench/bench_convert.py --layers 2 --hidden 512 --heads 8 --kv-heads 2 \
         --intermediate 1376 --vocab 1000 --source-shard-size 5MB --checkpoint-dir /tmp/gqa-bench/smoke
-Full version (the issue's bar; generating the checkpoint takes a few minutes the first time):
+Full version (the targets above; generating the checkpoint takes a few minutes the first time):
     .venv/bin/python bench/bench_convert.py --repeats 2 --json /tmp/gqa-bench/result.json
 """
 

@@ -10,6 +10,7 @@ foundation (model directories, families, text) imports nothing of the conversion
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -75,8 +76,8 @@ def runtime_imports(path: Path, floor: str) -> set[str]:
 STAGES = {
     "data": ["sources", "blocks", "stream", "dataset"],  # sources and their errors; prepared blocks; the stream; the entry
     "memory": ["launch", "activations", "memory"],  # the launch arithmetic; the measured step; the estimate and advice
-    "eval": ["heldout", "tasks", "decode", "report", "evaluate"],
-    "loop": ["logbook", "setup", "checkpoints", "loop"],  # logging; setup; checkpoints and the result; the step  # scoring text and tasks; decode speed; the report; the entry
+    "eval": ["heldout", "tasks", "decode", "report", "evaluate"],  # scoring text and tasks; decode speed; the report; the entry
+    "loop": ["logbook", "setup", "checkpoints", "loop"],  # logging; setup; checkpoints and the result; the step
 }
 
 
@@ -134,3 +135,13 @@ def test_which_parameters_train_comes_from_the_family_table(model_type):
     assert kv and all(n.split(".self_attn.")[1].split(".")[0] in family.kv_modules for n in kv)
     assert {n for n in names if ".self_attn.k_proj." in n or ".self_attn.v_proj." in n} <= kv
     assert not any(".q_proj." in n or ".o_proj." in n or ".dense." in n for n in kv)
+
+
+def test_the_readme_names_every_room():
+    """The README's house section is where a newcomer finds a module: every module of both floors is named there."""
+    readme = (REPO / "README.md").read_text()
+    house = readme[readme.index("### The house"):]
+    named = set(re.findall(r"`([a-z_0-9]+)`", house))
+    missing = [f"{folder}/{p.name}" for folder in FLOORS for p in modules_of(folder)
+               if p.stem != "__init__" and p.stem not in named]  # fmt: skip
+    assert not missing, f"README's house section does not name {missing}"

@@ -169,7 +169,7 @@ def baseline_line(ax) -> float | None:
     return lines[0].get_ydata()[0] if lines else None
 
 
-# Evaluations against tokens, with task scores as another engineer's task evaluation will record them.
+# Evaluations against tokens, with task scores as the loop records them.
 RECORDS = [
     {"step": 1, "loss": 6.0, "lr": 1e-4, "tokens_seen": 1000},  # training rows are not recovery curves
     {"step": 0, "tokens": 0, "eval_loss": 4.5, "eval_perplexity": 90.0},
