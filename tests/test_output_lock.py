@@ -37,6 +37,23 @@ def refused_by(pid: int) -> str:
     return rf"being written by pid {pid} on {socket.gethostname()}"
 
 
+@pytest.fixture(autouse=True)
+def no_holder_outlives_its_test(monkeypatch):
+    """Every process a test here launches is killed when the test ends, so a failing assertion does not leave
+    a lock holder sleeping on after the suite."""
+    started: list[subprocess.Popen] = []
+
+    def tracked(*args, **kwargs) -> subprocess.Popen:
+        started.append(launch(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setitem(globals(), "launch", tracked)
+    yield
+    for process in started:
+        if process.poll() is None:
+            kill(process)
+
+
 # A conversion paused where it writes its tensors, until killed: the real convert() holding the real lock.
 HELD_CONVERSION = textwrap.dedent("""
     import sys, time

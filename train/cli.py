@@ -30,13 +30,16 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gqa", description="Convert MHA checkpoints to GQA/MQA and uptrain them.")
+    # allow_abbrev=False: a flag is taken only as spelt, so a shortened one in a script cannot start meaning
+    # another flag when one is added.
+    parser = argparse.ArgumentParser(prog="gqa", description="Convert MHA checkpoints to GQA/MQA and uptrain them.",
+                                     allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"gqa {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     wanted = _requested_subcommand(argv)
     for name, (module, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
         # Only the subcommand being run pays for importing its module.
         if name == wanted:

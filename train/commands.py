@@ -173,7 +173,8 @@ def run_plan(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point for `python -m gqa.train`, `torchrun -m gqa.train` and `accelerate launch -m gqa.train`."""
-    parser = argparse.ArgumentParser(prog="python -m gqa.train", description="Uptrain a converted checkpoint from a recipe.")
+    parser = argparse.ArgumentParser(prog="python -m gqa.train", description="Uptrain a converted checkpoint from a recipe.",
+                                     allow_abbrev=False)  # as gqa's own parser
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     add_arguments(parser)
     args = parser.parse_args(argv)
