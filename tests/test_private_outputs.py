@@ -75,6 +75,16 @@ def strings_in(tree) -> list[str]:
     return [tree] if isinstance(tree, str) else []
 
 
+def test_an_eval_report_names_models_and_data_as_provenance_does(private_home):
+    """A report is made to be shared (and may be written into the model directory that gets published)."""
+    report = private_home["home"] / "reports"
+    for name in ("eval.json", "eval.md"):
+        text = (report / name).read_text()
+        assert str(private_home["home"]) not in text and USER not in text, name
+    results = json.loads((report / "eval.json").read_text())
+    assert results["report_files"]["json"] == "eval.json" and "eval.txt" in json.dumps(results)
+
+
 def test_provenance_of_convert_and_train_holds_no_absolute_path(private_home):
     for model in (private_home["converted"], private_home["trained"]):
         text = (model / "gqa_provenance.json").read_text()

@@ -21,7 +21,7 @@ from matplotlib.ticker import EngFormatter  # noqa: E402
 
 from gqa.convert.diskspace import disk_full_is_an_error, remove  # noqa: E402
 from gqa.convert.sizes import human_bytes  # noqa: E402
-from gqa.convert.modeldir import apply_umask  # noqa: E402
+from gqa.convert.modeldir import apply_umask, public_record  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -300,8 +300,12 @@ REPORT_FILES = {"markdown": "eval.md", "quality_vs_kv": "quality_vs_kv.png", "ta
 def write_report(results: dict[str, Any], report_dir: str | Path, metrics: list[dict[str, Any]] | None) -> dict[str, str]:
     """Write eval.json, eval.md and the PNG plots into report_dir; return {kind: path}. On a full disk the files
     this report began are removed (a report cut short is no report) and GQAError names report_dir; its message
-    carries the scores' table, so the evaluation's result is not lost with the report."""
+    carries the scores' table, so the evaluation's result is not lost with the report.
+
+    A report is made to be shared: it names local paths (models, data) as provenance does, relative to
+    report_dir where they lie inside it and by name elsewhere (gqa.convert.modeldir.public_record)."""
     report_dir = Path(report_dir)
+    results = public_record(results, report_dir)
     created = not report_dir.exists()
     path = {kind: report_dir / name for kind, name in REPORT_FILES.items()}
     begun: list[Path] = []
@@ -336,7 +340,8 @@ def write_report(results: dict[str, Any], report_dir: str | Path, metrics: list[
         files["json"] = str(path["json"])
         # eval.json is written last so that it lists every file the report holds.
         begun.append(path["json"])
-        path["json"].write_text(json.dumps({**results, "report_files": files}, indent=2) + "\n")
+        listed = {kind: Path(file).name for kind, file in files.items()}
+        path["json"].write_text(json.dumps({**results, "report_files": listed}, indent=2) + "\n")
     for file in files.values():
         apply_umask(file)
     return files
