@@ -8,7 +8,7 @@ import typing
 from gqa.convert import gpt2
 from gqa.convert.convert import convert, read_source_config
 from gqa.convert.options import ConvertOptions, flag_of
-from gqa.convert.families import converts_to_gpt_bigcode, family_for, geometry_of
+from gqa.convert.families import converts_to_gpt_bigcode, family_for, geometry_of, output_family
 from gqa.convert.kvcache import kv_cache_bytes_per_token
 from gqa.convert.sizes import human_bytes
 from gqa.convert.serving import ENGINE_BY_KEY
@@ -140,6 +140,7 @@ def inspect_gpt2(source_id: str, config) -> int:
         print(f"    {1:>4}  {human_bytes(after)}  ({g.kv_heads:g}x smaller)")
     for note in gpt2.NOTES:
         print(f"  note: {note}")
+    print_serving(output_family(config.model_type))
     return 0
 
 

@@ -48,6 +48,7 @@ from gqa.convert.families import (
     converts_to_gpt_bigcode,
     family_for,
     geometry_of,
+    output_family,
     rotary_frequencies,
 )
 from gqa.convert.aligned import aligned_merge, split_qkvo
@@ -94,11 +95,9 @@ def warn_where_not_served(source: str, options: ConvertOptions) -> None:
     any weight is downloaded, dequantised or read, so the user learns it before spending the time. The
     conversion goes on; a --kv-heads that merging cannot reach is refused here already."""
     _, config = read_source_config(source)
-    converted_config(config, options.kv_heads, allow_same=options.allow_same)
-    if converts_to_gpt_bigcode(config.model_type):
-        return  # its output is gpt_bigcode, which the serving records do not cover
-    family = family_for(config.model_type)
-    for message in serving_warnings(config.model_type, family.name, geometry_of(config).heads, options.kv_heads):
+    out = converted_config(config, options.kv_heads, allow_same=options.allow_same)
+    family = output_family(config.model_type)
+    for message in serving_warnings(family.model_types[0], family.name, out.num_attention_heads, options.kv_heads):
         log.warning(message)
 
 

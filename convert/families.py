@@ -256,6 +256,11 @@ def converts_to_gpt_bigcode(model_type: str) -> bool:
     return model_type in GPT2_MODEL_TYPES
 
 
+def output_family(model_type: str) -> Family:
+    """The family of the checkpoint a model converts to: its own, or gpt_bigcode for GPT-2."""
+    return GPT_BIGCODE if converts_to_gpt_bigcode(model_type) else family_for(model_type)
+
+
 def check_supported(model_type: str) -> None:
     """Refuse a model_type that no conversion supports."""
     if not converts_to_gpt_bigcode(model_type):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-YES = "yes"  # serves, KV projections and KV cache sized from num_key_value_heads
+YES = "yes"  # serves, KV projections and KV cache sized from num_key_value_heads (gpt_bigcode: multi_query)
 NO = "no"  # the engine has the architecture but builds K/V (or a key norm) for every query head
 NOT_SUPPORTED = "not supported"  # the engine lacks the architecture altogether
 UNKNOWN = "unknown"  # the engine code did not settle it
@@ -217,6 +217,26 @@ SERVING: dict[str, tuple[Serving, ...]] = {
                                  "{n_embd} (every query head) though wk is n_embd_gqa wide: the converted k_norm "
                                  "(num_key_value_heads*head_dim) fails to load",
                 "serve with vLLM (its Transformers backend sizes OLMoE's k_norm from num_key_value_heads)"),
+    ),
+    # What a GPT-2 source converts to (gqa.convert.gpt2): one KV head, set by multi_query.
+    "gpt_bigcode": (
+        Serving("vllm", YES, f"{_VLLM}registry.py maps GPTBigCodeForCausalLM to the Transformers backend "
+                             "(_TRANSFORMERS_SUPPORTED_MODELS); transformers' GPTBigCodeConfig.__post_init__ sets "
+                             "num_key_value_heads = 1 for multi_query (transformers 5.16.1 and 5.22.2, the ends of the "
+                             f"range vllm 0.34.0 requires), which {_VLLM}transformers/base.py _create_attention_instances "
+                             "gives each layer's Attention as num_kv_heads (get_num_kv_heads, via CONFIG_FIELD_ALIASES); "
+                             f"{_VLLM}transformers/fusers/packed_qkv.py PackedQKVFuser builds c_attn's (q, kv, kv) split as a "
+                             "QKVParallelLinear of one KV head"),
+        Serving("sglang", YES, f"{_SGL}gpt_bigcode.py GPTBigCodeAttention takes one KV head from config.multi_query "
+                               "(QKVParallelLinear total_num_kv_heads, RadixAttention num_kv_heads), and "
+                               "sglang/srt/configs/model_config.py ModelConfig.get_total_num_kv_heads returns 1 for "
+                               "multi_query (the KV cache pool)"),
+        Serving("llama.cpp", YES, "convert_hf_to_gguf.py StarCoderModel (conversion/starcoder.py, registered for "
+                                  "GPTBigCodeForCausalLM): set_gguf_parameters writes head_count_kv(1); "
+                                  "src/models/starcoder.cpp load_arch_tensors sizes wqkv {n_embd, n_embd + 2*n_embd_gqa} "
+                                  "and src/llama-kv-cache.cpp the cache from n_embd_k_gqa/n_embd_v_gqa (head_count_kv). "
+                                  "StarCoderModel writes feed_forward_length 4*n_embd: a GPT-2 that sets n_inner to "
+                                  "another width does not load, whatever its KV heads"),
     ),
 }
 
