@@ -18,9 +18,10 @@ from gqa.convert.modeldir import read_provenance, write_provenance
 from gqa.train.cli import main
 from gqa.convert.errors import GQAError
 from gqa.convert.text import chunk_tokens
-from gqa.train.decode import PeakMemory, peak_of_running_sum
+from gqa.convert.kvcache import head_dim_of
+from gqa.train.decode import PeakMemory, measure_kv_cache, peak_of_running_sum
 from gqa.train.evaluate import evaluate
-from tiny import save_tiny_llama
+from tiny import build_family_model, save_tiny_llama
 
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
          "quebec romeo sierra tango uniform victor whiskey xray yankee zulu red green blue black white").split()
@@ -162,6 +163,19 @@ def test_agreement_with_itself_is_total_and_with_pooled_model_is_not(setup, full
     assert (model["role"], base["role"]) == ("model", "baseline")
     # Mean pooling without uptraining loses some of what base memorised.
     assert model["perplexity"] > base["perplexity"]
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "mistral"])
+def test_sliding_window_layers_hold_only_their_window(model_type):
+    """Gemma-2 alternates sliding and global layers; Mistral slides in every layer. A sliding layer's cache holds
+    its last window - 1 tokens, so the bytes at a context longer than the window are not per-token x context."""
+    model = build_family_model(model_type, kv=2, sliding_window=6)
+    per_layer = 2 * 2 * head_dim_of(model.config) * 4  # K and V, 2 KV heads, float32
+    sliding = [min(20, 5), 20] if model_type == "gemma2" else [min(20, 5), min(20, 5)]
+    kv = measure_kv_cache(model, torch.randint(0, 128, (1, 12)), pad_id=0, context=20)
+    assert kv["bytes_per_token"] == 2 * per_layer
+    assert kv["bytes_at_context"] == per_layer * sum(sliding) < kv["bytes_per_token"] * 20
+    assert kv["matches_config"]  # what generate's cache held after 13 tokens is what the config says
 
 
 def test_kv_cache_bytes_match_hand_computation(full):

@@ -12,7 +12,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
-from gqa.convert.kvcache import kv_cache_bytes_per_token
+from gqa.convert.kvcache import kv_cache_bytes_at_context, kv_cache_bytes_per_token
 
 
 def cache_bytes(cache) -> int:
@@ -113,17 +113,17 @@ def greedy(model, prompt: torch.Tensor, new_tokens: int, pad_id: int, streamer=N
 
 @torch.inference_mode()
 def measure_kv_cache(model, prompt: torch.Tensor, pad_id: int, context: int) -> dict[str, Any]:
-    """Bytes per token from the config, and what `generate`'s cache really holds for a short prompt."""
+    """Bytes per token from the config, and what `generate`'s cache really holds for a short prompt, checked
+    against what the config says it should hold at that length; the bytes held at `context` tokens."""
     expected = kv_cache_bytes_per_token(model.config, dtype=model.dtype)
     out = greedy(model, prompt, 2, pad_id)
-    cached = out.past_key_values.get_seq_length()
-    measured = cache_bytes(out.past_key_values) / cached
+    cached, held = out.past_key_values.get_seq_length(), cache_bytes(out.past_key_values)
     return {
         "bytes_per_token": expected,
-        "measured_bytes_per_token": measured,
-        "matches_config": measured == expected,
+        "measured_bytes_per_token": held / cached,
+        "matches_config": held == kv_cache_bytes_at_context(model.config, cached, dtype=model.dtype),
         "context": context,
-        "bytes_at_context": expected * context,
+        "bytes_at_context": kv_cache_bytes_at_context(model.config, context, dtype=model.dtype),
     }
 
 
