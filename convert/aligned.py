@@ -101,8 +101,10 @@ def split_qkvo(tensors: dict[str, torch.Tensor], family: Family, geometry: Geome
     """Augmented per-projection matrices: q (H d x n+1), k and v (KV d x n+1), o (hidden x H d)."""
     d, kv = geometry.head_dim, geometry.kv_heads
     if family.fused_qkv:
-        q, k, v = tensors[family.fused_qkv[0]].split([geometry.heads * d, kv * d, kv * d])
-        parts = {"q": _augmented(q, None), "k": _augmented(k, None), "v": _augmented(v, None)}
+        sizes = [geometry.heads * d, kv * d, kv * d]
+        bias = tensors.get(_fused_bias(family))  # GPT-2's c_attn has one; Phi-3's qkv_proj has none
+        biases = bias.split(sizes) if bias is not None else (None, None, None)
+        parts = {p: _augmented(w, b) for p, w, b in zip("qkv", tensors[family.fused_qkv[0]].split(sizes), biases)}
     else:
         parts = {p: _augmented(tensors[f"{m}.weight"], tensors.get(f"{m}.bias")) for p, m in zip("qkv", family.projections)}
     parts["o"] = tensors[family.o_proj].double()
@@ -117,6 +119,8 @@ def join_qkvo(
     out: dict[str, torch.Tensor] = {}
     if family.fused_qkv:
         out[family.fused_qkv[0]] = torch.cat([parts[p][:, :-1] for p in "qkv"]).float()
+        if _fused_bias(family) in tensors:
+            out[_fused_bias(family)] = torch.cat([parts[p][:, -1] for p in "qkv"]).float()
     else:
         for p, module in zip("qkv", family.projections):
             out[f"{module}.weight"] = parts[p][:, :-1].float()
@@ -124,6 +128,10 @@ def join_qkvo(
                 out[f"{module}.bias"] = parts[p][:, -1].float()
     out[family.o_proj] = parts["o"].float()
     return out
+
+
+def _fused_bias(family: Family) -> str:
+    return family.fused_qkv[0].removesuffix(".weight") + ".bias"
 
 
 def _heads(matrix: torch.Tensor, d: int) -> list[torch.Tensor]:

@@ -58,6 +58,52 @@ def default_calibration_text() -> str:
     return "\n\n".join(doc for name in DEFAULT_CALIBRATION_MODULES for doc in module_docstrings(name))
 
 
+def calibration_device(name: str) -> torch.device:
+    """The torch device for the calibration pass: `auto` picks the GPU when torch sees one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise GQAError(f"--device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N.") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GQAError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu (or auto).")
+    if device.type not in ("cpu", "cuda"):
+        raise GQAError(f"--device {name}: the calibration pass runs on cpu or cuda only.")
+    return device
+
+
+def calibration_text(calibration: str | None) -> str:
+    """The text --calibration names: a file, a split of the recipes' corpus (`stdlib-docs:train`), or
+    (None) the default docstrings."""
+    from gqa.convert import corpus
+
+    name, _, split = (calibration or "").partition(":")
+    if name == corpus.NAME:  # the recipes' corpus, as `stdlib-docs:train`
+        if split not in corpus.SPLITS:
+            splits = ", ".join(f"{corpus.NAME}:{s}" for s in corpus.SPLITS)
+            raise GQAError(f"--calibration {calibration}: the corpus splits are {splits}.")
+        return corpus.corpus_text(split)
+    if calibration:
+        path = Path(calibration)
+        if not path.is_file():
+            raise GQAError(f"calibration file {path} does not exist.")
+        return path.read_text(encoding="utf-8", errors="replace")
+    return default_calibration_text()
+
+
+def calibration_inputs(model_dir: Path, config, options) -> torch.Tensor:
+    """The calibration token ids --method aligned merges on, as the options (ConvertOptions) ask for them,
+    no longer than the model's context."""
+    length = options.calibration_length
+    context = getattr(config, "max_position_embeddings", None)
+    if context and length > context:  # activations past the trained context would mislead the merge
+        log.warning("--calibration-length %d is longer than the model's context; using %d", length, context)
+        length = context
+    text = calibration_text(options.calibration)
+    return calibration_tokens(model_dir, text, options.calibration_sequences, length)
+
+
 def calibration_tokens(model_dir: Path, text: str, sequences: int, seq_len: int) -> torch.Tensor:
     """`sequences` x `seq_len` token ids from the start of the text, tokenised with the source's
     tokenizer and cut into windows the way training and evaluation cut text (gqa.convert.text)."""

@@ -52,6 +52,7 @@ from gqa.convert.families import (
     rotary_frequencies,
 )
 from gqa.convert.aligned import aligned_merge, split_qkvo
+from gqa.convert.calibration import calibration_device
 from gqa.convert.grouping import head_distances, permute_heads, similarity_groups
 from gqa.convert.heads import contiguous_groups, merge_per_head, merge_stacked_rows
 from gqa.convert.options import DTYPES, ConvertOptions
@@ -317,28 +318,9 @@ def _convert_into(src: Source, staged: Path, out: Path, options: ConvertOptions)
 
 
 def _aligned_pass(src: Source, index, config, out_config, family, geometry, options: ConvertOptions, staged: Path):
-    from gqa.convert.calibration import calibration_tokens, default_calibration_text, layerwise_aligned_merge
-    from gqa.convert import corpus
+    from gqa.convert.calibration import calibration_inputs, layerwise_aligned_merge
 
-    name, _, split = (options.calibration or "").partition(":")
-    if name == corpus.NAME:  # the recipes' corpus, as `stdlib-docs:train`
-        if split not in corpus.SPLITS:
-            splits = ", ".join(f"{corpus.NAME}:{s}" for s in corpus.SPLITS)
-            raise GQAError(f"--calibration {options.calibration}: the corpus splits are {splits}.")
-        text = corpus.corpus_text(split)
-    elif options.calibration:
-        path = Path(options.calibration)
-        if not path.is_file():
-            raise GQAError(f"calibration file {path} does not exist.")
-        text = path.read_text(encoding="utf-8", errors="replace")
-    else:
-        text = default_calibration_text()
-    length = options.calibration_length
-    context = getattr(config, "max_position_embeddings", None)
-    if context and length > context:  # activations past the trained context would mislead the merge
-        log.warning("--calibration-length %d is longer than the model's context; using %d", length, context)
-        length = context
-    tokens = calibration_tokens(src.path, text, options.calibration_sequences, length)
+    tokens = calibration_inputs(src.path, config, options)
     device = calibration_device(options.device)
     log.info("calibrating on %d x %d tokens on %s", *tokens.shape, device)
 
@@ -357,21 +339,6 @@ def _aligned_pass(src: Source, index, config, out_config, family, geometry, opti
         refine_steps=options.refine_steps, refine_lr=options.refine_lr, refine_batch=options.refine_batch,
         device=device,
     )
-
-
-def calibration_device(name: str) -> torch.device:
-    """The torch device for the calibration pass: `auto` picks the GPU when torch sees one."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise GQAError(f"--device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N.") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GQAError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu (or auto).")
-    if device.type not in ("cpu", "cuda"):
-        raise GQAError(f"--device {name}: the calibration pass runs on cpu or cuda only.")
-    return device
 
 
 def _groups_for(

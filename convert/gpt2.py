@@ -8,12 +8,16 @@ transformers loads:
 - GPT-2 stores its projections as Conv1D, weight [in, out]; gpt_bigcode's are nn.Linear, weight
   [out, in]: c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj are transposed.
 - c_attn's [Q | K | V] (each hidden wide) becomes [Q | K | V] with K and V one head wide: the K heads
-  are merged into one, and so are the V heads, weights and biases alike.
+  are merged into one, and so are the V heads, weights and biases alike. With `--method aligned` the
+  heads are aligned before merging (gqa.convert.aligned: GPT-2 has no rotary embedding, so keys, like
+  values, take any linear map), the maps folded into the query rows of c_attn and into attn.c_proj, on
+  the attention inputs the source model shows on the calibration text.
 - Every other tensor keeps its name and value; stored copies of GPT-2's causal-mask buffers
   (attn.bias, attn.masked_bias in older checkpoints) are left out, as the model computes its own.
 
-Each output tensor is made from one source tensor, so the conversion streams through the same writer
-as every other family: the plan (names, dtypes, shapes) first, then the tensors one at a time.
+Each output tensor is made from one source tensor (a layer's attention tensors together, when aligned),
+so the conversion streams through the same writer as every other family: the plan (names, dtypes,
+shapes) first, then the tensors one at a time.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from transformers import GPTBigCodeConfig, PretrainedConfig
 
 from gqa.convert import steps  # the steps every conversion shares: finite checks, streaming, side files
 from gqa.convert.errors import GQAError
-from gqa.convert.families import Geometry
+from gqa.convert.aligned import aligned_merge
+from gqa.convert.families import GPT_BIGCODE, Geometry
 from gqa.convert.heads import merge_stacked_rows
 from gqa.convert.modeldir import CheckpointIndex, Source, config_dtype, dtype_name, meta_tensors, same_tensor
 from gqa.convert.options import DTYPES, ConvertOptions
@@ -37,7 +42,9 @@ log = logging.getLogger(__name__)
 FAMILY_NAME = "GPT-2"
 TARGET_MODEL_TYPE = "gpt_bigcode"
 TARGET_ARCHITECTURE = "GPTBigCodeForCausalLM"
-METHODS = ("mean", "first", "random")
+METHODS = ("mean", "first", "random", "aligned")
+# A layer's attention tensors that --method aligned makes together (relative to the layer).
+ALIGNED_TENSORS = ("attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight")
 # Tensors GPT-2 stores as Conv1D weights, [in, out]: transposed into nn.Linear's [out, in].
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # The GPT-2 config fields that mean the same in a gpt_bigcode config; every other field is GPT-2's
@@ -50,7 +57,8 @@ CARRIED_FIELDS = (
 NOTES = (
     "converts to gpt_bigcode (GPTBigCodeForCausalLM, multi_query): GPT-2's block with one KV head, loaded natively",
     "Conv1D weights are transposed to nn.Linear's layout; the K and V heads of c_attn are merged into one",
-    "--method aligned is refused: its calibration pass needs the same architecture before and after",
+    "--method aligned merges on the source's attention inputs, without --refine-steps: refinement runs each "
+    "source layer beside its converted one, and gpt_bigcode's layer is not GPT-2's",
 )
 
 
@@ -73,7 +81,7 @@ def unconvertible_options(config: PretrainedConfig) -> list[str]:
     return reasons
 
 
-def check_convertible(config: PretrainedConfig, kv_heads: int, method: str | None = None) -> None:
+def check_convertible(config: PretrainedConfig, kv_heads: int, method: str | None = None, refine_steps: int = 0) -> None:
     """Refuse, before anything is read, what a GPT-2 conversion cannot do."""
     if kv_heads != 1:
         raise GQAError(
@@ -86,10 +94,12 @@ def check_convertible(config: PretrainedConfig, kv_heads: int, method: str | Non
             "this GPT-2 model cannot be converted to gpt_bigcode with its function kept: " + "; ".join(reasons) + "."
         )
     if method is not None and method not in METHODS:
+        raise GQAError(f"--method {method} is not available for GPT-2; use --method {', '.join(METHODS)}.")
+    if method == "aligned" and refine_steps:
         raise GQAError(
-            f"--method {method} is not available for GPT-2: its calibration pass runs the source and the converted "
-            "model side by side as one architecture, and GPT-2 converts to another one (gpt_bigcode). Use "
-            f"--method {' or '.join(METHODS)}."
+            f"--refine-steps {refine_steps} is not available for GPT-2: refinement runs each source layer beside its "
+            "converted one, and GPT-2 converts to another architecture (gpt_bigcode). --method aligned merges GPT-2 "
+            "in closed form on the source's attention inputs; use --refine-steps 0, then uptrain."
         )
 
 
@@ -159,21 +169,39 @@ def plan(index: CheckpointIndex, stored: dict[str, str], out_config, cast: torch
 
 class BigCodeView:
     """The source checkpoint read as the gpt_bigcode model stores it: `read(name)` gives the output
-    tensor `name`, made from its one source tensor (transposed, and c_attn's K/V heads merged)."""
+    tensor `name`, made from its one source tensor (transposed, and c_attn's K/V heads merged), or under
+    --method aligned (`moments` given), a layer's attention tensors made together the first time one is read."""
 
-    def __init__(self, index: CheckpointIndex, stored: dict[str, str], geometry: Geometry, method: str, seed: int):
+    def __init__(self, index: CheckpointIndex, stored: dict[str, str], geometry: Geometry, method: str, seed: int,
+                 moments: list[torch.Tensor] | None = None):  # fmt: skip
         self.index, self.stored, self.geometry, self.method = index, stored, geometry, method
         self.generator = torch.Generator().manual_seed(seed)
+        self.moments = moments
+        self.aligned: dict[str, torch.Tensor] = {}  # a layer's merged tensors until each is read
 
     def read(self, name: str) -> torch.Tensor:
-        tensor = self.index.read(self.stored[name])
-        steps.check_finite(self.stored[name], tensor)  # the source's own values, before any head is merged away
         suffix = name.split(".", 3)[-1] if name.startswith("transformer.h.") else name
-        if suffix in CONV1D_WEIGHTS:
-            tensor = tensor.T
+        if self.moments is not None and suffix in ALIGNED_TENSORS:
+            return self._aligned(name, int(name.split(".")[2]))
+        tensor = self._linear(name, suffix)
         if suffix in ("attn.c_attn.weight", "attn.c_attn.bias"):
             tensor = self._merge_kv(tensor, "bias" if suffix.endswith("bias") else "weight")
         return tensor
+
+    def _linear(self, name: str, suffix: str) -> torch.Tensor:
+        """Source tensor `name` in nn.Linear's layout, checked before any head is merged away."""
+        tensor = self.index.read(self.stored[name])
+        steps.check_finite(self.stored[name], tensor)
+        return tensor.T if suffix in CONV1D_WEIGHTS else tensor
+
+    def _aligned(self, name: str, layer: int) -> torch.Tensor:
+        if name not in self.aligned:
+            prefix = GPT_BIGCODE.layer_prefix.format(i=layer)
+            tensors = {rel.removeprefix("attn."): self._linear(prefix + rel, rel) for rel in ALIGNED_TENSORS}
+            one_group = [list(range(self.geometry.heads))]
+            merged = aligned_merge(tensors, GPT_BIGCODE, self.geometry, one_group, self.moments[layer])
+            self.aligned.update({f"{prefix}attn.{rel}": merged[rel] for rel in tensors})
+        return self.aligned.pop(name)
 
     def _merge_kv(self, qkv: torch.Tensor, role: str) -> torch.Tensor:
         """[Q | K | V] rows, each hidden wide -> [Q | K | V] with K and V one head wide."""
@@ -184,9 +212,41 @@ class BigCodeView:
         return torch.cat([q.float(), *merged])
 
 
+def attention_moments(model_dir: Path, config: PretrainedConfig, options: ConvertOptions) -> list[torch.Tensor]:
+    """Per layer, the moment E[x̃ x̃ᵀ] of the attention's input (ln_1's output with a constant 1 appended) that
+    the source model shows on the calibration text, which the aligned merge is fitted on. GPT-2 checkpoints
+    are small (1.5B parameters at most), so the whole source model is loaded once for this."""
+    from transformers import GPT2LMHeadModel
+
+    from gqa.convert.calibration import calibration_device, calibration_inputs
+
+    tokens, device = calibration_inputs(model_dir, config, options), calibration_device(options.device)
+    log.info("calibrating on %d x %d tokens on %s", *tokens.shape, device)
+    model = GPT2LMHeadModel.from_pretrained(model_dir, config=config, dtype=torch.float32).to(device).eval()
+    sums: list[torch.Tensor | None] = [None] * config.n_layer
+
+    def accumulate(layer: int):
+        def hook(module, args, kwargs):
+            x = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).reshape(-1, config.n_embd).double()
+            x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)
+            sums[layer] = x.T @ x if sums[layer] is None else sums[layer] + x.T @ x
+
+        return hook
+
+    hooks = [block.attn.register_forward_pre_hook(accumulate(i), with_kwargs=True) for i, block in enumerate(model.transformer.h)]
+    try:
+        with torch.no_grad():
+            for batch in tokens.split(8):  # a few sequences at a time: memory stays that of one batch
+                model(batch.to(device), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [total.cpu() / tokens.numel() for total in sums]
+
+
 def convert_gpt2(src: Source, config: PretrainedConfig, staged: Path, out: Path, options: ConvertOptions) -> steps.ConversionResult:
     """Check, plan and stream a GPT-2 checkpoint into `staged` as a gpt_bigcode one, then the side files."""
-    check_convertible(config, options.kv_heads, options.method)
+    check_convertible(config, options.kv_heads, options.method, options.refine_steps)
     cast = DTYPES[options.dtype]
     out_config = bigcode_config(config, options.kv_heads, cast)
     index = CheckpointIndex(src.path)
@@ -197,7 +257,8 @@ def convert_gpt2(src: Source, config: PretrainedConfig, staged: Path, out: Path,
     specs = plan(index, stored, out_config, cast)
     shape = geometry(config)
     steps.check_space(out, specs, src.path, options)
-    view = BigCodeView(index, stored, shape, options.method, options.seed)
+    moments = attention_moments(src.path, config, options) if options.method == "aligned" else None
+    view = BigCodeView(index, stored, shape, options.method, options.seed, moments)
     # Every output is a plain tensor of the plan, read from the view: no per-layer merge step.
     # the view checks each source tensor before its heads are merged away; no second check of its outputs
     bytes_written = steps.write_tensors(specs, specs, view.read, staged, options.shard_size, merge_layer=None)
