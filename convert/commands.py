@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     if name == "inspect":
         return
     parser.add_argument("out", metavar="OUT", help="output directory (must not exist unless --force)")
+    parser.epilog = ("Before any weight is read, a warning names each serving engine (vLLM, SGLang, llama.cpp) that "
+                     "would not serve the output with its smaller KV cache; `gqa inspect SOURCE` shows them all.")
     add_option_flags(parser)
 
 

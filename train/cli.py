@@ -20,7 +20,7 @@ from gqa.convert.errors import GQAError
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("gqa.convert.commands", "convert a checkpoint to fewer KV heads"),
-    "inspect": ("gqa.convert.commands", "show heads, KV heads, legal --kv-heads and KV-cache sizes"),
+    "inspect": ("gqa.convert.commands", "show heads, KV heads, legal --kv-heads, KV-cache sizes and where the output serves"),
     "train": ("gqa.train.commands", "uptrain a converted checkpoint from a recipe (a YAML file or a shipped recipe's name)"),
     "recipes": ("gqa.train.commands", "list the shipped recipes, or copy one out to edit (gqa recipes cp NAME)"),
     "eval": ("gqa.train.evaluate", "perplexity, lm-eval tasks, agreement, KV cache and decode speed against a baseline"),
