@@ -42,9 +42,10 @@ def no_holder_outlives_its_test(monkeypatch):
     """Every process a test here launches is killed when the test ends, so a failing assertion does not leave
     a lock holder sleeping on after the suite."""
     started: list[subprocess.Popen] = []
+    original = launch
 
     def tracked(*args, **kwargs) -> subprocess.Popen:
-        started.append(launch(*args, **kwargs))
+        started.append(original(*args, **kwargs))
         return started[-1]
 
     monkeypatch.setitem(globals(), "launch", tracked)
