@@ -2,7 +2,7 @@
 
     python tests/memory_worker.py '{"config": DIR, "params": "all", "micro": 2, "block": 256, ...}'
 
-Builds the model from DIR/config.json, sets its trained parameters (build_trainable), and trains
+Builds the model from DIR/config.json, sets it up as the loop does (prepare_model), and trains
 `steps` optimizer steps of `accumulation` micro batches the way gqa's loop does (the summed token loss
 over the global batch's predicted tokens, AdamW over the loop's parameter groups, gradient clipping,
 zero_grad(set_to_none)). The optimizer state is created first by a step on zero gradients, so that the
@@ -26,17 +26,16 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from gqa.train.losses import distillation_loss
-from gqa.train.params import apply_lora, select_trainable
-from gqa.train.recipe import LoraSection
+from gqa.train.params import prepare_model
+from gqa.train.recipe import LoraSection, TrainSection
 
 
-def build_trainable(model: torch.nn.Module, settings: dict) -> torch.nn.Module:
-    """The model with the trained parameter set of settings["params"], by the loop's own code."""
-    if settings["params"] != "lora":
-        select_trainable(model, settings["params"])
-        return model
-    lora = LoraSection(rank=settings["rank"], alpha=settings["alpha"], targets=settings["targets"], train_kv=bool(settings["full"]))
-    return apply_lora(model, lora)
+def train_section(settings: dict) -> TrainSection:
+    """The recipe's train section the settings describe: params, gradient checkpointing, LoRA."""
+    lora = LoraSection()
+    if settings["params"] == "lora":
+        lora = LoraSection(rank=settings["rank"], alpha=settings["alpha"], targets=settings["targets"], train_kv=bool(settings["full"]))
+    return TrainSection(params=settings["params"], gradient_checkpointing=bool(settings.get("gradient_checkpointing")), lora=lora)
 
 
 def resident_bytes() -> int:
@@ -63,18 +62,12 @@ def train(config, settings: dict) -> list[torch.nn.Parameter]:
     batches = [torch.randint(0, config.vocab_size, (micro, block)) for _ in range(accumulation)]
     predicted = accumulation * micro * (block - 1)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.config.use_cache = False
-    if settings.get("gradient_checkpointing"):  # as gqa.train.loop._Run._setup_model
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = build_trainable(model, settings).train()
+    model = prepare_model(model, train_section(settings), seed=0).train()  # the loop's own set-up
     teacher = None
     if settings.get("teacher"):  # loss.kind: distill, the teacher in the run's precision (fp32 here)
         teacher = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval().requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    # The loop's parameter groups (gqa.train.loop._parameter_groups, not imported: it costs seconds)
+    # The loop's parameter groups (gqa.train.setup.parameter_groups, not imported: it costs seconds)
     groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": 0.1},
               {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=1e-4)
