@@ -190,7 +190,8 @@ def _capture(module: torch.nn.Module, store: list, calls: list | None = None):
     return module.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def _augment(x: torch.Tensor) -> torch.Tensor:
+def augmented_rows(x: torch.Tensor) -> torch.Tensor:
+    """x's vectors as float64 rows with a constant 1 appended: x̃, whose moment E[x̃ x̃ᵀ] the aligned merge fits."""
     x = x.reshape(-1, x.shape[-1]).double()
     return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)
 
@@ -383,7 +384,7 @@ def _run_source_layer(layer, o_module: str, source_stream, converted_stream, kwa
         layer(converted_stream, **kwargs)
     for hook in hooks:
         hook.remove()
-    augmented = _augment(attention_inputs[1])
+    augmented = augmented_rows(attention_inputs[1])
     return _SourceLayer(
         next_source=next_source,
         heads=head_outputs[0],

@@ -218,7 +218,7 @@ def attention_moments(model_dir: Path, config: PretrainedConfig, options: Conver
     are small (1.5B parameters at most), so the whole source model is loaded once for this."""
     from transformers import GPT2LMHeadModel
 
-    from gqa.convert.calibration import calibration_device, calibration_inputs
+    from gqa.convert.calibration import augmented_rows, calibration_device, calibration_inputs
 
     tokens, device = calibration_inputs(model_dir, config, options), calibration_device(options.device)
     log.info("calibrating on %d x %d tokens on %s", *tokens.shape, device)
@@ -227,8 +227,7 @@ def attention_moments(model_dir: Path, config: PretrainedConfig, options: Conver
 
     def accumulate(layer: int):
         def hook(module, args, kwargs):
-            x = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).reshape(-1, config.n_embd).double()
-            x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)
+            x = augmented_rows(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
             sums[layer] = x.T @ x if sums[layer] is None else sums[layer] + x.T @ x
 
         return hook
