@@ -53,16 +53,30 @@ def command(ws, root: Path, processes: int) -> list[str]:
 
 
 def launch(cmd: list[str], log: Path, **hooks: str) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", **hooks)
+    # PYTHONFAULTHANDLER: a process sent SIGABRT writes every thread's stack to the log (see wait_for)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1", **hooks)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     with open(log, "a") as out:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def kill(process: subprocess.Popen) -> None:
+def kill(process: subprocess.Popen, stacks: bool = False) -> None:
     """SIGKILL to the launch's process group and to each worker's: torchrun starts every worker in a session
-    of its own, so a kill of torchrun's group alone would leave its workers training."""
-    groups = {process.pid} | {os.getpgid(pid) for pid in descendants(process.pid)}
+    of its own, so a kill of torchrun's group alone would leave its workers training. With `stacks`, every
+    process first writes its threads' stacks to the log (SIGABRT under PYTHONFAULTHANDLER), to show where a
+    run that stalled was waiting."""
+    found = descendants(process.pid)
+    groups = {process.pid} | {os.getpgid(pid) for pid in found}
+    if stacks:
+        everyone = [*reversed(found), process.pid]  # readers, workers, then the launcher
+        for pid in everyone:  # stopped first, so that no launcher reacts to a worker's end by ending the rest
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        for pid in everyone:  # then one at a time, since they share the log
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+                os.kill(pid, signal.SIGCONT)
+            time.sleep(0.5)
     for group in groups:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)
@@ -84,8 +98,9 @@ def wait_for(condition, process: subprocess.Popen, log: Path, what: str, timeout
         if process.poll() is not None:
             pytest.fail(f"the run ended (exit {process.returncode}) before {what}:\n{log.read_text()[-3000:]}")
         if time.monotonic() > deadline:
-            kill(process)
-            pytest.fail(f"no {what} within {timeout} s:\n{log.read_text()[-3000:]}")
+            kill(process, stacks=True)
+            lines = [line for line in log.read_text().splitlines() if not line.startswith("Extension modules:")]
+            pytest.fail(f"no {what} within {timeout} s; the log, with each process's stacks:\n" + "\n".join(lines)[-20000:])
         time.sleep(0.02)
 
 
