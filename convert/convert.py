@@ -57,7 +57,7 @@ from gqa.convert.grouping import head_distances, permute_heads, similarity_group
 from gqa.convert.heads import contiguous_groups, merge_per_head, merge_stacked_rows
 from gqa.convert.options import DTYPES, ConvertOptions
 from gqa.convert.outputlock import output_lock
-from gqa.convert.serving import serving_warnings
+from gqa.convert.serving import config_warnings, serving_warnings
 from gqa.convert.writer import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,8 @@ def warn_where_not_served(source: str, options: ConvertOptions) -> None:
     out = converted_config(config, options.kv_heads, allow_same=options.allow_same)
     family = output_family(config.model_type)
     for message in serving_warnings(family.model_types[0], family.name, out.num_attention_heads, options.kv_heads):
+        log.warning(message)
+    for message in config_warnings(out):
         log.warning(message)
 
 

@@ -268,3 +268,17 @@ def serving_warnings(model_type: str, family: str, heads: int, kv_heads: int) ->
             f"loads in transformers{elsewhere}. The conversion goes on."
         )
     return messages
+
+
+def config_warnings(config) -> list[str]:
+    """Warnings that the output's own config settles, beside its family's records (see serving_warnings):
+    llama.cpp's GPTBigCode converter writes the feed-forward width as 4 * n_embd whatever n_inner says, so
+    an output of another width does not load there, whatever its KV heads."""
+    if config.model_type != "gpt_bigcode" or config.n_inner in (None, 4 * config.n_embd):
+        return []
+    return [
+        f"warning: this GPTBigCode checkpoint's feed-forward width n_inner={config.n_inner} is not 4 x n_embd "
+        f"({4 * config.n_embd}); llama.cpp's convert_hf_to_gguf.py StarCoderModel ({ENGINE_BY_KEY['llama.cpp'].version}) "
+        "writes feed_forward_length 4*n_embd whatever n_inner says, so the output will not load in llama.cpp. It "
+        "loads in transformers. The conversion goes on."
+    ]

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_gpt2 import save_gpt2, tiny_gpt2
+from test_gpt2 import HIDDEN, save_gpt2, tiny_gpt2
 from tiny import build_family_model, save_model
 
 from gqa.convert.families import FAMILIES, GPT2_MODEL_TYPES, output_family
@@ -114,6 +114,21 @@ def test_a_gpt2_source_warns_by_its_gpt_bigcode_records(tmp_path, caplog, capsys
     assert warned[0].startswith("warning: a GPTBigCode checkpoint with 1 KV heads for 4 query heads will not serve "
                                 "as GQA in llama.cpp (no; read from llama.cpp 0c1e570")  # fmt: skip
     assert "its reason. What to do: its remedy." in warned[0] and "serves as GQA in vLLM, SGLang" in warned[0]
+
+
+@pytest.mark.parametrize("n_inner", [48, None, 4 * HIDDEN])
+def test_a_gpt2_of_another_feed_forward_width_is_warned_of_llama_cpp(n_inner, tmp_path, caplog):
+    """llama.cpp's converter writes 4 x n_embd as the feed-forward width: a GPT-2 whose n_inner says otherwise
+    converts with a warning naming it; unset, or 4 x n_embd, no warning."""
+    src = save_gpt2(tiny_gpt2(n_inner=n_inner), tmp_path / "src")
+    caplog.set_level(logging.WARNING)
+    assert main(["convert", str(src), str(tmp_path / "out"), "--kv-heads", "1"]) == 0
+    warned = [r.getMessage() for r in caplog.records if "feed-forward width" in r.getMessage()]
+    if n_inner == 48:
+        assert len(warned) == 1 and "n_inner=48 is not 4 x n_embd (128)" in warned[0], warned
+        assert "will not load in llama.cpp" in warned[0] and (tmp_path / "out" / "config.json").exists()
+    else:
+        assert warned == []
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
