@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 STEPS = 8
 STREAMED = {"data.streaming": "true", "data.eval": "null", "data.eval_blocks": 8, "data.shuffle_buffer": 32,
             "eval.max_blocks": 8, "eval.every": 0, "budget.steps": STEPS, "checkpoint.every": 2,
-            "batch.global_sequences": 8, "batch.micro": 2}  # fmt: skip
+            "batch.global_sequences": 8, "batch.micro": 2, "data.reader_timeout": 20}  # fmt: skip
 
 
 def refused_by(pid: int) -> str:

@@ -100,6 +100,7 @@ KEYS: dict[str, Key] = {
     "data.streaming": Key("bool"),
     "data.shuffle_buffer": whole(1),
     "data.eval_blocks": whole(1),
+    "data.reader_timeout": number(above=0),
     "budget.steps": optional_whole(1),
     "budget.tokens": optional_whole(1),
     "budget.alpha": number(above=0, at_most=1, optional=True),

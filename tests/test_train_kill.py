@@ -45,7 +45,7 @@ def command(ws, root: Path, processes: int) -> list[str]:
     """One launch: the interrupted run (resumed if it has checkpoints), then the uninterrupted one."""
     values = {"data.streaming": "true", "data.eval": "null", "data.eval_blocks": 8, "data.shuffle_buffer": 32,
               "eval.max_blocks": 8, "eval.every": 0, "budget.steps": STEPS, "checkpoint.every": 2,
-              "batch.global_sequences": 8, "batch.micro": 2}  # fmt: skip
+              "batch.global_sequences": 8, "batch.micro": 2, "data.reader_timeout": 20}  # fmt: skip
     overrides = tiny_overrides(ws.model, ws.shards, ws.held, root / "unused", ws.cache, **values)
     launcher = torchrun(2) if processes == 2 else [sys.executable]
     return [*launcher, str(TESTS / "train_kill_worker.py"), str(RECIPE), str(root / "dump"), *overrides,
@@ -98,10 +98,23 @@ def wait_for(condition, process: subprocess.Popen, log: Path, what: str, timeout
         if process.poll() is not None:
             pytest.fail(f"the run ended (exit {process.returncode}) before {what}:\n{log.read_text()[-3000:]}")
         if time.monotonic() > deadline:
-            kill(process, stacks=True)
-            lines = [line for line in log.read_text().splitlines() if not line.startswith("Extension modules:")]
-            pytest.fail(f"no {what} within {timeout} s; the log, with each process's stacks:\n" + "\n".join(lines)[-20000:])
+            stalled(process, log, f"no {what} within {timeout} s")
         time.sleep(0.02)
+
+
+def wait_done(process: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    """Wait for a launch to end with exit 0; one still running after `timeout` s fails with its stacks."""
+    try:
+        code = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stalled(process, log, f"the run did not end within {timeout} s")
+    assert code == 0, log.read_text()[-4000:]
+
+
+def stalled(process: subprocess.Popen, log: Path, what: str) -> None:
+    kill(process, stacks=True)
+    lines = [line for line in log.read_text().splitlines() if not line.startswith("Extension modules:")]
+    pytest.fail(f"{what}; the log, with each process's stacks:\n" + "\n".join(lines)[-20000:])
 
 
 def steps_logged(out: Path) -> list[int]:
@@ -150,7 +163,7 @@ def test_a_run_killed_at_a_random_step_and_while_checkpointing_resumes_bit_for_b
     # 3. The same command finishes the interrupted run, then makes the uninterrupted one.
     logged = len(steps_logged(killed))
     run = launch(cmd, log)
-    assert run.wait(timeout=300) == 0, log.read_text()[-4000:]
+    wait_done(run, log)
     assert steps_logged(killed)[logged:] == list(range(resume_from + 1, STEPS + 1))
     assert not cut_short.exists() and [c.step for c in rundir.complete_checkpoints(killed)] == [STEPS - 2, STEPS]
 

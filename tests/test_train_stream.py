@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import subprocess
+import time
 from dataclasses import replace
 from itertools import islice
 from pathlib import Path
@@ -33,6 +34,7 @@ from gqa.train.dataset import make_collate, prepare_data
 from gqa.train.stream import StreamLoader, StreamShare
 from gqa.train.plan import plan_training
 from gqa.train.recipe import DataSection
+from test_train_kill import launch, wait_done
 from train_helpers import REPO, TRAIN_MODULES, docs_text, make_model, tiny_overrides, torchrun, write_shards
 
 RECIPE = REPO / "recipes" / "tiny-cpu.yaml"
@@ -243,6 +245,7 @@ def test_a_run_is_the_same_run_whatever_the_keys_its_way_of_reading_leaves_unuse
     streamed = overrides(ws, tmp_path / "s")
     identity = load_recipe(RECIPE, streamed).run_identity()
     assert load_recipe(RECIPE, [*streamed, "data.eval_fraction=0.2"]).run_identity() == identity
+    assert load_recipe(RECIPE, [*streamed, "data.reader_timeout=9"]).run_identity() == identity  # pacing only
     assert load_recipe(RECIPE, [*streamed, "data.eval_blocks=9"]).run_identity() != identity
 
 
@@ -275,7 +278,7 @@ def test_a_streamed_run_resumed_at_a_checkpoint_equals_an_uninterrupted_one_bit_
 
 def test_two_processes_match_one_and_resume_bit_for_bit(ws, tmp_path):
     """One torchrun launch, three runs: two processes uninterrupted, then stopped at step 3 and resumed."""
-    common = {"batch.global_sequences": 8, "batch.micro": 2, "optimizer.lr": 3e-4}
+    common = {"batch.global_sequences": 8, "batch.micro": 2, "optimizer.lr": 3e-4, "data.reader_timeout": 20}
     dump = tmp_path / "dump"
     dump.mkdir()
     command = [*torchrun(), str(TESTS / "train_ddp_worker.py"),
@@ -283,8 +286,7 @@ def test_two_processes_match_one_and_resume_bit_for_bit(ws, tmp_path):
                "@whole", f"output.dir={tmp_path / 'two'}",
                "@first", f"output.dir={tmp_path / 'split'}", "budget.stop_at_step=3",
                "@second", f"output.dir={tmp_path / 'split'}"]  # fmt: skip
-    done = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    wait_done(launch(command, tmp_path / "log.txt"), tmp_path / "log.txt")
 
     def dumped(name: str, rank: int = 0) -> tuple[dict, dict[str, torch.Tensor]]:
         record = json.loads((dump / f"{name}-rank{rank}.json").read_text())
@@ -376,6 +378,48 @@ def test_each_process_resumes_its_own_stream_position_and_only_under_the_process
         expected = [next(batches[rank])["input_ids"] for _ in range(3)]
         assert all(torch.equal(a["input_ids"], b) for a, b in zip(islice(resumed, 3), expected, strict=True))
         batches[rank].close()
+
+
+def _stalling_reader(monkeypatch, batches, stalled: Path, after: int, once: bool = True) -> None:
+    """Readers (the forked processes) of `batches` (StreamBatches.__iter__) that send `after` batches and then
+    hang, writing their pid to `stalled`: the first one only, or (once False) every one."""
+    trainer = os.getpid()
+
+    def stalling(self):
+        for i, batch in enumerate(batches(self)):
+            if i == after and os.getpid() != trainer and not (once and stalled.exists()):
+                stalled.write_text(str(os.getpid()))
+                time.sleep(60)  # long enough: a reader not started again fails the test, slowly
+            yield batch
+
+    monkeypatch.setattr(stream.StreamBatches, "__iter__", stalling)
+    monkeypatch.setattr(torch.utils.data._utils, "MP_STATUS_CHECK_INTERVAL", 0.5)  # how long a stuck reader is given to end
+
+
+def test_a_reader_that_hangs_is_started_again_from_its_position(ws, tmp_path, monkeypatch, caplog):
+    """A reader that sends nothing for data.reader_timeout seconds is ended and started again from the last batch
+    handed to training: the batches are those of a reader that never hung. Where it hangs every time, the run
+    fails after READER_RESTARTS restarts, saying so."""
+
+    def loader(timeout: float = 300) -> StreamLoader:
+        share = prepare_data(section(ws, eval_blocks=8), ws.tokenizer, ws.model, seed=0).train
+        return StreamLoader(share, 2, make_collate(64, 0), "cpu", reader_timeout=timeout)
+
+    expected = [batch["input_ids"] for batch in islice(loader(), 12)]
+    stalled, batches = tmp_path / "stalled", stream.StreamBatches.__iter__
+    _stalling_reader(monkeypatch, batches, stalled, after=6)
+    caplog.set_level(logging.WARNING, logger="gqa.train")
+    got = [batch["input_ids"] for batch in islice(loader(timeout=1), 12)]
+    assert stalled.exists(), "the reader did not hang: nothing was tested"
+    assert len(got) == 12 and all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert any("sent no batch in 1 s; starting it again" in r.getMessage() for r in caplog.records)
+    stuck = Path(f"/proc/{stalled.read_text()}/status")
+    assert not stuck.exists() or "zombie" in stuck.read_text(), "the stuck reader was left running"
+
+    monkeypatch.setattr(stream, "READER_RESTARTS", 1)
+    _stalling_reader(monkeypatch, batches, stalled, after=0, once=False)
+    with pytest.raises(GQAError, match=r"sent no batch in 1 s, 2 times in a row, .*raise data\.reader_timeout"):
+        list(islice(loader(timeout=1), 3))
 
 
 def test_a_parquet_file_streams_one_row_group_at_a_time_and_resumes_inside_its_row_group(ws, tmp_path, monkeypatch):

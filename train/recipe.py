@@ -91,6 +91,7 @@ class DataSection(_Section):
     streaming: bool = False  # read, tokenise and pack data.train on the fly instead of preparing all of it first
     shuffle_buffer: int = Field(1000, ge=1)  # streamed: blocks shuffled in seeded runs, ceil(N / files) consecutive blocks of each file at a time
     eval_blocks: int = Field(256, ge=1)  # streamed, no data.eval: blocks held out from the start of the stream
+    reader_timeout: float = Field(300, gt=0)  # streamed: seconds without a batch before the reader process is started again (under NCCL's 10-minute collective timeout)
 
     _named = field_validator("train", "eval", "text_field", "hub_config", "train_split", "eval_split", "cache_dir")(_refuse_blank)
     _home = field_validator("cache_dir")(_expand_home)
@@ -249,6 +250,7 @@ class Recipe(_Section):
         identity["budget"].pop("stop_at_step")
         identity["data"].pop("cache_dir")
         identity["data"].pop("num_proc")
+        identity["data"].pop("reader_timeout")
         # Keys a run's way of reading data leaves unused change nothing it computes.
         unused = ("eval_fraction",) if self.data.streaming else ("streaming", "shuffle_buffer", "eval_blocks")
         for key in unused:

@@ -93,7 +93,8 @@ class RunSetup:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         collate = make_collate(recipe.data.block_size, pad_id)
         if data.streaming:  # each process's share already; not prepared by accelerate (see StreamLoader)
-            train_loader = StreamLoader(data.train, plan.micro_batch, collate, self.accelerator.device, gather_object)
+            train_loader = StreamLoader(data.train, plan.micro_batch, collate, self.accelerator.device, gather_object,
+                                        reader_timeout=recipe.data.reader_timeout)
             self.accelerator.register_for_checkpointing(train_loader)  # the stream's position, in every checkpoint
         else:
             order = training_order(len(data.train), plan.steps * plan.global_batch, recipe.seed)

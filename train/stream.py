@@ -28,6 +28,7 @@ from gqa.train.sources import (Source, first_row, has_text, load_documents, load
     text_column)
 
 logger = logging.getLogger(__name__)
+READER_RESTARTS = 2  # a stuck reader started again this many times in a row before the run fails
 
 
 def prepare_stream(
@@ -257,7 +258,10 @@ class StreamLoader:
     Not prepared by accelerate: each process already reads only its share (StreamShare), so batches go to
     the device as they come. A reader process (torchdata's StatefulDataLoader, one worker) reads, tokenises and
     packs up to `read_ahead` micro batches ahead of training, on a core of its own; the loader's position is
-    that of the last batch handed to training, never of what was read ahead. Where processes cannot be forked,
+    that of the last batch handed to training, never of what was read ahead. A reader that sends no batch for
+    `reader_timeout` seconds (stuck: a lock held at the fork, a network read that never returns) is ended and
+    started again from that position, so training goes on with the batches it would have had; after
+    READER_RESTARTS such restarts in a row, the run fails with a GQAError. Where processes cannot be forked,
     the batches are read in the training process. Registered with accelerator.register_for_checkpointing:
     save_state stores state_dict() with every checkpoint and load_state restores it. Each process's position
     differs (each reads its own files), so state_dict gathers them all, by rank, and each process restores its
@@ -265,16 +269,43 @@ class StreamLoader:
     """
 
     def __init__(self, share: StreamShare, batch_size: int, collate: Callable, device,
-                 gather: Callable[[list], list] = lambda items: items, read_ahead: int = 4):
+                 gather: Callable[[list], list] = lambda items: items, read_ahead: int = 4, reader_timeout: float = 300):
         self.share = share
         self.batch_size = batch_size  # read by accelerate's DeepSpeed set-up, like a DataLoader's
         self.device = torch.device(device)
         self.gather = gather  # all processes' items, in rank order (accelerate.utils.gather_object)
         self.batches = StreamBatches(share, batch_size, collate)
         self.read_ahead = read_ahead
+        self.reader_timeout = reader_timeout
         self.position: dict[str, Any] | None = None  # the loader's state after the last batch handed out
 
     def __iter__(self):
+        restarts = 0
+        while True:
+            loader = self._loader()
+            batches = iter(loader)
+            try:
+                for batch in batches:  # the reader process stops when the loader's iterator is freed
+                    if "error" in batch:
+                        raise GQAError(batch["error"])
+                    self.position, restarts = loader.state_dict(), 0
+                    yield {name: tensor.to(self.device, non_blocking=True) for name, tensor in batch.items()}
+                return
+            except RuntimeError as err:
+                if "timed out" not in str(err):  # torch's words for a worker that sent nothing within the timeout
+                    raise
+                batches._shutdown_workers()  # the stuck reader ends (terminated if it must be) before another starts
+            restarts += 1
+            if restarts > READER_RESTARTS:
+                raise GQAError(
+                    f"data.train: the reader process sent no batch in {self.reader_timeout:g} s, {restarts} times in a "
+                    "row, started again from the same position each time; check that the data can be read (a hub "
+                    "dataset: the network), or raise data.reader_timeout if reading a batch takes that long"
+                )
+            logger.warning("data: the reader process sent no batch in %g s; starting it again from the same position "
+                           "(data.reader_timeout)", self.reader_timeout)
+
+    def _loader(self) -> StatefulDataLoader:
         # fork: the reader inherits the open streams and the tokenizer, which need not pickle
         forked = "fork" in multiprocessing.get_all_start_methods()
         with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in newer torch
@@ -282,15 +313,11 @@ class StreamLoader:
             loader = StatefulDataLoader(
                 self.batches, batch_size=None, num_workers=1 if forked else 0,
                 prefetch_factor=self.read_ahead if forked else None, multiprocessing_context="fork" if forked else None,
-                pin_memory=self.device.type == "cuda",
+                pin_memory=self.device.type == "cuda", timeout=self.reader_timeout if forked else 0,
             )  # fmt: skip
         if self.position is not None:
             loader.load_state_dict(self.position)
-        for batch in loader:  # the reader process stops when this generator is closed and the loader freed
-            if "error" in batch:
-                raise GQAError(batch["error"])
-            self.position = loader.state_dict()
-            yield {name: tensor.to(self.device, non_blocking=True) for name, tensor in batch.items()}
+        return loader
 
     def state_dict(self) -> dict[str, Any]:
         return {"processes": self.share.processes, "loaders": self.gather([self.position])}
