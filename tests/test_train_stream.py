@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 import time
 from dataclasses import replace
 from itertools import islice
@@ -51,13 +50,6 @@ def ws(tmp_path_factory) -> SimpleNamespace:
     model = make_model(root)
     return SimpleNamespace(root=root, model=model, tokenizer=AutoTokenizer.from_pretrained(model), shards=shards,
                            files=sorted(shards.glob("*.parquet")), held=held, cache=root / "cache")
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env["OMP_NUM_THREADS"] = "1"  # two processes on two cores
-    return env
 
 
 def section(ws, **extra) -> DataSection:
